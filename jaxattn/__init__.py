@@ -1,0 +1,16 @@
+"""jaxattn: fast, exact attention mechanisms for JAX.
+
+Public surface::
+
+    jaxattn.softmax_attention(q, k, v, mask=..., segment_ids=..., bias=..., implementation=...)
+    jaxattn.masks      # static mask algebra (Full, Causal, Local, Slices, BlockSparse, generators)
+    jaxattn.testing    # tolerance table, random inputs, assertions, CAB conformance checks
+    jaxattn.nn         # Flax NNX modules (imports flax; import it explicitly)
+"""
+
+from jaxattn import masks as masks
+from jaxattn import testing as testing
+from jaxattn.ops.softmax import BlockSizes as BlockSizes
+from jaxattn.ops.softmax import softmax_attention as softmax_attention
+
+__version__ = "0.1.0"

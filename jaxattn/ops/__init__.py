@@ -1,0 +1,1 @@
+"""Functional attention ops, one package per family (api, reference, xla, pallas)."""

@@ -1,0 +1,24 @@
+"""Test configuration: 8 fake CPU devices (set before jax initialises), hypothesis profiles, hardware markers."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_TRACEBACK_FILTERING", "off")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("thorough", max_examples=200, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_collection_modifyitems(config, items):
+  backend = jax.default_backend()
+  for item in items:
+    if "gpu" in item.keywords and backend != "gpu":
+      item.add_marker(pytest.mark.skip(reason="needs a GPU"))
+    if "tpu" in item.keywords and backend != "tpu":
+      item.add_marker(pytest.mark.skip(reason="needs a TPU"))
