@@ -10,7 +10,7 @@ import numpy as np
 
 from jaxattn import _dispatch
 from jaxattn.masks import Full, Mask
-from jaxattn.ops.softmax import cudnn, xla
+from jaxattn.ops.softmax import cudnn, pallas_gpu, pallas_tpu, xla
 from jaxattn.ops.softmax.config import AttentionConfig, BlockSizes
 from jaxattn.ops.softmax.reference import softmax_attention_reference
 
@@ -20,6 +20,8 @@ REGISTRY = {
     "reference": softmax_attention_reference,
     "xla": xla.softmax_attention_xla,
     "cudnn": cudnn.softmax_attention_cudnn,
+    "pallas_gpu": pallas_gpu.softmax_attention_pallas_gpu,
+    "pallas_tpu": pallas_tpu.softmax_attention_pallas_tpu,
 }
 DEFAULTS = {"cpu": ("xla",), "gpu": ("cudnn", "pallas_gpu", "xla"), "tpu": ("pallas_tpu", "xla")}
 

@@ -1,0 +1,10 @@
+"""Experiments: ``python -m experiments <name> [args]``.
+
+Each subcommand is a ``"module:function"`` string, imported only when it runs (so listing them imports no jax).
+Adding one is one line in :data:`SUBCOMMANDS`; the function takes the remaining argv and returns an exit code.
+"""
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    # name: ("module:function", one-line description)
+    "bench": ("experiments.bench.run:main", "time attention implementations side by side with the anchors"),
+}

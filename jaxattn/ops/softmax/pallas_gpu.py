@@ -1,0 +1,116 @@
+"""``implementation="pallas_gpu"``: block-sparse flash attention with Pallas (Triton lowering) on GPUs.
+
+The static mask is compiled at trace time (:func:`~jaxattn.ops.softmax.mask_info.mask_info`) into per-query-block
+lists of the non-empty kv blocks, a full/partial flag per visited block and the deduplicated partial-block
+patterns; the kernels in :mod:`pallas_kernels.softmax.gpu` visit only those blocks, forward and backward:
+
+- forward: out + lse (FlashAttention-2 online softmax, one program per query block and (batch, head));
+- backward (``custom_vjp``): ``delta = rowsum(dO * O) - dlse`` in XLA, then a dq kernel over the query blocks'
+  lists and a dk/dv kernel over the transposed lists (one program per kv block and (batch, kv head), summing the
+  query heads of its group in-kernel).
+
+Supports: every static mask, segment ids, GQA/MQA (K/V never repeated), soft cap, lse, T and S of any length,
+head dims up to 256 (non powers of two are zero-padded), f32/bf16/f16. Refuses (``NotImplementedError``): bias,
+platforms other than GPU and CPU, block sizes that are not powers of two >= 16. On a CPU backend it runs in Pallas
+interpret mode (slow; for tests and users without a GPU); ``implementation=None`` never picks it there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxattn import _dispatch
+from jaxattn.ops.softmax.config import AttentionConfig
+from jaxattn.ops.softmax.mask_info import MaskInfo, mask_info
+from pallas_kernels.softmax import gpu
+
+BlockSizes = gpu.BlockSizes
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  cfg: AttentionConfig
+  blocks: gpu.BlockSizes
+  interpret: bool
+
+
+def gpu_block_sizes(cfg: AttentionConfig) -> gpu.BlockSizes:
+  """The kernel tiles for ``cfg``: the user's :class:`~jaxattn.BlockSizes` when given, else the GPU default."""
+  if cfg.block_sizes is None:
+    return gpu.BlockSizes.default(cfg.T, cfg.S)
+  b = cfg.block_sizes
+  try:
+    return gpu.BlockSizes(block_q=b.block_q, block_k=b.block_k, block_q_dq=b.dq[0], block_k_dq=b.dq[1],
+                          block_q_dkv=b.dkv[0], block_k_dkv=b.dkv[1])
+  except ValueError as e:
+    raise NotImplementedError(f"pallas_gpu cannot use {b}: {e}") from None
+
+
+def softmax_attention_pallas_gpu(q, k, v, bias, q_ids, kv_ids, cfg: AttentionConfig):
+  """Pallas GPU kernels (interpret mode on CPU). See the module docstring for what is supported."""
+  platform = _dispatch.platform()
+  if platform not in ("gpu", "cpu"):
+    raise NotImplementedError(f"pallas_gpu runs on GPU (or CPU in interpret mode), not on {platform}")
+  if bias is not None:
+    raise NotImplementedError("pallas_gpu does not support bias")
+  D, E = q.shape[-1], v.shape[-1]
+  if not (gpu.supported_head_dim(D) and gpu.supported_head_dim(E)):
+    raise NotImplementedError(f"pallas_gpu supports head dims up to {gpu.MAX_HEAD_DIM}, got D={D}, E={E}")
+  st = _Static(cfg, gpu_block_sizes(cfg), interpret=platform == "cpu")
+  return _attention(q, k, v, q_ids, kv_ids, st)
+
+
+# ------------------------------------------------------------------------------------------------- mask lists
+def _lists(info: MaskInfo, transposed: bool = False) -> tuple[gpu.BlockLists, jax.Array | None]:
+  """Static visiting lists as ``[1, 1, rows, K]`` kernel inputs, plus the int8 tiles (None without partials)."""
+  if transposed:
+    index, count, tile = info.q_index, info.q_count, info.q_tile
+  else:
+    index, count, tile = info.kv_index, info.kv_count, info.kv_tile
+  lift = lambda a: jnp.asarray(a, jnp.int32)[None, None]
+  if not info.has_partial:
+    return gpu.BlockLists(lift(index), lift(count)), None
+  return gpu.BlockLists(lift(index), lift(count), lift(tile)), jnp.asarray(info.tiles.astype("int8"))
+
+
+# -------------------------------------------------------------------------------------------------- custom_vjp
+def _forward(q, k, v, q_ids, kv_ids, st: _Static):
+  cfg, b = st.cfg, st.blocks
+  lists, tiles = _lists(mask_info(cfg.mask, cfg.T, cfg.S, *b.fwd))
+  return gpu.flash_forward(q, k, v, q_ids, kv_ids, lists, tiles, block_q=b.block_q, block_k=b.block_k,
+                           scale=cfg.scale, soft_cap=cfg.logits_soft_cap, num_warps=b.warps(q.shape[-1]),
+                           num_stages=b.num_stages, interpret=st.interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention(q, k, v, q_ids, kv_ids, st: _Static):
+  return _forward(q, k, v, q_ids, kv_ids, st)
+
+
+def _attention_fwd(q, k, v, q_ids, kv_ids, st):
+  out, lse = _forward(q, k, v, q_ids, kv_ids, st)
+  return (out, lse), (q, k, v, q_ids, kv_ids, out, lse)
+
+
+def _attention_bwd(st: _Static, res, g):
+  q, k, v, q_ids, kv_ids, out, lse = res
+  dout, dlse = g
+  cfg, b = st.cfg, st.blocks
+  # delta_i = sum_e dO_ie O_ie - dlse_i: the row term of the softmax Jacobian (lse enters as -dlse).
+  delta = jnp.einsum("bthe,bthe->bht", dout.astype(jnp.float32), out.astype(jnp.float32)) - dlse
+  common = dict(scale=cfg.scale, soft_cap=cfg.logits_soft_cap, num_warps=b.warps(max(q.shape[-1], v.shape[-1]), True),
+                num_stages=b.num_stages_bwd, interpret=st.interpret)
+  lists, tiles = _lists(mask_info(cfg.mask, cfg.T, cfg.S, *b.dq))
+  dq = gpu.flash_backward_dq(q, k, v, q_ids, kv_ids, dout, lse, delta, lists, tiles, block_q=b.block_q_dq,
+                             block_k=b.block_k_dq, **common)
+  lists_t, tiles = _lists(mask_info(cfg.mask, cfg.T, cfg.S, *b.dkv), transposed=True)
+  dk, dv = gpu.flash_backward_dkv(q, k, v, q_ids, kv_ids, dout, lse, delta, lists_t, tiles,
+                                  block_q=b.block_q_dkv, block_k=b.block_k_dkv, **common)
+  return dq, dk, dv, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)

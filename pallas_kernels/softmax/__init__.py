@@ -1,0 +1,1 @@
+"""Softmax attention kernels: ``gpu`` (Pallas Triton lowering), ``tpu`` (Pallas Mosaic TPU)."""
