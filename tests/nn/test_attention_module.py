@@ -1,5 +1,6 @@
 """Tests for the NNX ``MultiHeadAttention`` module: math, GQA, RoPE, masks, jit, split/merge and the KV cache."""
 
+import dataclasses
 import functools
 
 import jax
@@ -34,11 +35,29 @@ def _rope_ref(x, pos, base):
   return jnp.concatenate([z.real, z.imag], axis=-1).astype(jnp.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+  """The static options of a module that the reference needs."""
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  use_rope: bool
+  rope_base: float
+  scale: float | None
+  logits_soft_cap: float | None
+
+
 def _dense(params, m, x, context=None, allowed=None, positions=None):
   """Hand-written dense forward pass with the module's parameters (f32, highest precision).
 
   ``params``: ``{name: (kernel, bias|None)}``; ``allowed``: bool ``[B|1, T, S]`` or None.
   """
+  cfg = _Cfg(m.num_heads, m.num_kv_heads, m.head_dim, m.use_rope, m.rope_base, m.scale, m.logits_soft_cap)
+  return _dense_jit(params, cfg, x, context, allowed, positions)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _dense_jit(params, m: _Cfg, x, context, allowed, positions):
   hi = jax.lax.Precision.HIGHEST
   ein = functools.partial(jnp.einsum, precision=hi)
 
@@ -57,7 +76,7 @@ def _dense(params, m, x, context=None, allowed=None, positions=None):
   R = m.num_heads // m.num_kv_heads
   k, v = jnp.repeat(k, R, axis=2), jnp.repeat(v, R, axis=2)  # [B, S, H, D]
   scale = m.scale if m.scale is not None else m.head_dim ** -0.5
-  s = ein("bthd,bshd->bhts", q, k) * scale
+  s = ein("bthd,bshd->bhts", q, k) * scale  # [B, H, T, S]
   if m.logits_soft_cap is not None:
     s = m.logits_soft_cap * jnp.tanh(s / m.logits_soft_cap)
   if allowed is not None:
@@ -65,7 +84,7 @@ def _dense(params, m, x, context=None, allowed=None, positions=None):
   mx = jnp.max(s, -1, keepdims=True)
   p = jnp.exp(s - jnp.where(jnp.isfinite(mx), mx, 0.0))
   l = p.sum(-1, keepdims=True)
-  o = ein("bhts,bshd->bthd", p / jnp.where(l == 0, 1.0, l), v)
+  o = ein("bhts,bshd->bthd", p / jnp.where(l == 0, 1.0, l), v)  # [B, T, H, D]
   w, b = params["out"]
   y = ein("bthd,hdo->bto", o, w)
   return y if b is None else y + b
@@ -157,7 +176,8 @@ def test_gradients_match_dense_reference():
     return nnx.grad(lambda m: jnp.sum(m(x) * ct))(m)
 
   g = module_grads(m, x)
-  g_ref = jax.grad(lambda p: jnp.sum(_dense(p, m, x, allowed=_allowed(masks.Causal(), T, T)) * ct))(_params(m))
+  allowed = _allowed(masks.Causal(), T, T)
+  g_ref = jax.jit(jax.grad(lambda p: jnp.sum(_dense(p, m, x, allowed=allowed) * ct)))(_params(m))
   for name in ("query", "key", "value", "out"):
     lin = getattr(g, name)
     testing.assert_close((lin.kernel[...], lin.bias[...]), g_ref[name], kind="grad", name=f"d{name}")
@@ -256,12 +276,12 @@ def test_chunked_prefill_then_decode_matches_full(mask):
   assert int(m.cache_index[...]) == T
 
 
-def test_decode_eager_and_without_default_mask():
+def test_decode_is_causal_without_default_mask():
   """Decoding is causal even when the module's default mask is None (full)."""
   m = MultiHeadAttention(2, F, rngs=nnx.Rngs(0))
   x = _x()[:, :4]
   m.init_cache(B, 4)
-  outs = [m(x[:, :2], decode=True), m(x[:, 2:3], decode=True), m(x[:, 3:4], decode=True)]
+  outs = [apply(m, x[:, :2], decode=True), apply(m, x[:, 2:3], decode=True), apply(m, x[:, 3:4], decode=True)]
   testing.assert_close(jnp.concatenate(outs, 1), apply(m, x, mask=masks.Causal()), name="eager decode")
 
 

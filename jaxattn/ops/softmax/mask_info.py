@@ -8,7 +8,8 @@ For a ``T x S`` problem tiled ``block_q x block_k`` (padded up to whole blocks),
 - ``kv_tile [nQ, K]``   int32: 0 when the block is fully allowed (no mask needed), else ``t >= 1`` indexing
   ``tiles[t]``, the block's boolean pattern;
 - ``q_index / q_count / q_tile [nK, Kt]``: the transpose (which query blocks visit kv block ``kb``), for dk/dv;
-- ``tiles [U, block_q, block_k]`` bool: deduplicated partial-block patterns; ``tiles[0]`` is all True.
+- ``tiles [U, block_q, block_k]`` bool: deduplicated partial-block patterns; ``tiles[0]`` is all True;
+- ``layout [nQ, nK]`` (0 empty / 1 partial / 2 full) and ``tile_of [nQ, nK]`` (tile id per block), dense per block.
 
 Padding rows (``i >= T``) and columns (``j >= S``) are masked, so the last blocks become partial when T or S is not
 a multiple of the block size. No ``T x S`` array is built: only partial blocks are evaluated.
@@ -38,6 +39,7 @@ class MaskInfo:
   q_tile: np.ndarray  # int32 [nK, Kt]
   tiles: np.ndarray  # bool [U, block_q, block_k]
   layout: np.ndarray  # int8 [nQ, nK] 0 empty / 1 partial / 2 full (padding included)
+  tile_of: np.ndarray  # int32 [nQ, nK] tile id of every block (0 for full and empty blocks)
 
   @property
   def num_visited(self) -> int:
@@ -73,7 +75,7 @@ def mask_info(mask: Mask | None, T: int, S: int, block_q: int, block_k: int) -> 
   kv_index, kv_count, kv_tile = _lists(visit, tile_of)
   q_index, q_count, q_tile = _lists(visit.T, tile_of.T)
   out = MaskInfo(block_q, block_k, nq, nk, kv_index, kv_count, kv_tile, q_index, q_count, q_tile,
-                 np.stack(tiles), layout)
+                 np.stack(tiles), layout, tile_of)
   for f in dataclasses.fields(out):
     v = getattr(out, f.name)
     if isinstance(v, np.ndarray):

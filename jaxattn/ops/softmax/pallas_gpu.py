@@ -28,8 +28,6 @@ from jaxattn.ops.softmax.config import AttentionConfig
 from jaxattn.ops.softmax.mask_info import MaskInfo, mask_info
 from pallas_kernels.softmax import gpu
 
-BlockSizes = gpu.BlockSizes
-
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
@@ -38,10 +36,13 @@ class _Static:
   interpret: bool
 
 
-def gpu_block_sizes(cfg: AttentionConfig) -> gpu.BlockSizes:
-  """The kernel tiles for ``cfg``: the user's :class:`~jaxattn.BlockSizes` when given, else the GPU default."""
+def gpu_block_sizes(cfg: AttentionConfig, head_dim: int = 128, itemsize: int = 2) -> gpu.BlockSizes:
+  """The kernel tiles: the user's :class:`~jaxattn.BlockSizes` when given, else the GPU default.
+
+  ``head_dim`` is ``max(D, E)`` and ``itemsize`` the input bytes per element (they size the default tiles).
+  """
   if cfg.block_sizes is None:
-    return gpu.BlockSizes.default(cfg.T, cfg.S)
+    return gpu.BlockSizes.default(cfg.T, cfg.S, head_dim, itemsize)
   b = cfg.block_sizes
   try:
     return gpu.BlockSizes(block_q=b.block_q, block_k=b.block_k, block_q_dq=b.dq[0], block_k_dq=b.dq[1],
@@ -60,7 +61,7 @@ def softmax_attention_pallas_gpu(q, k, v, bias, q_ids, kv_ids, cfg: AttentionCon
   D, E = q.shape[-1], v.shape[-1]
   if not (gpu.supported_head_dim(D) and gpu.supported_head_dim(E)):
     raise NotImplementedError(f"pallas_gpu supports head dims up to {gpu.MAX_HEAD_DIM}, got D={D}, E={E}")
-  st = _Static(cfg, gpu_block_sizes(cfg), interpret=platform == "cpu")
+  st = _Static(cfg, gpu_block_sizes(cfg, max(D, E), jnp.dtype(q.dtype).itemsize), interpret=platform == "cpu")
   return _attention(q, k, v, q_ids, kv_ids, st)
 
 

@@ -32,19 +32,23 @@ def softmax_attention_reference(q, k, v, bias, q_ids, kv_ids, cfg: AttentionConf
     ``out [B, T, H, E]`` in q's dtype and ``lse [B, H, T]`` f32 (``-inf`` for rows with no allowed key,
     whose output is 0).
   """
+  return dense_attention(q, k, v, bias, allowed_dense(cfg, q_ids, kv_ids), cfg.scale, cfg.logits_soft_cap)
+
+
+def dense_attention(q, k, v, bias, allowed, scale: float, logits_soft_cap: float | None = None):
+  """The definition with an explicit boolean ``allowed`` array broadcastable to ``[B, G, R, T, S]`` (or None)."""
   B, T, H, D = q.shape
-  G = k.shape[2]
+  S, G = k.shape[1], k.shape[2]
   R = H // G
   hi = jax.lax.Precision.HIGHEST
   qf = q.astype(jnp.float32).reshape(B, T, G, R, D)
-  s = jnp.einsum("btgrd,bsgd->bgrts", qf, k.astype(jnp.float32), precision=hi) * cfg.scale  # [B, G, R, T, S]
+  s = jnp.einsum("btgrd,bsgd->bgrts", qf, k.astype(jnp.float32), precision=hi) * scale  # [B, G, R, T, S]
   if bias is not None:
-    s = s + bias.astype(jnp.float32).reshape(bias.shape[0], -1, 1 if bias.shape[1] == 1 else R, T, cfg.S)
-  if cfg.logits_soft_cap is not None:
-    s = cfg.logits_soft_cap * jnp.tanh(s / cfg.logits_soft_cap)
-  allowed = allowed_dense(cfg, q_ids, kv_ids)
+    s = s + bias.astype(jnp.float32).reshape(bias.shape[0], -1, 1 if bias.shape[1] == 1 else R, T, S)
+  if logits_soft_cap is not None:
+    s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
   if allowed is None:
-    allowed = jnp.ones((1, 1, 1, T, cfg.S), bool)
+    allowed = jnp.ones((1, 1, 1, T, S), bool)
   # Rows with no allowed key: the max is -inf, so shift by 0 instead; p is 0 there and the output is 0.
   m = jax.lax.stop_gradient(jnp.max(jnp.where(allowed, s, -jnp.inf), axis=-1, keepdims=True))
   m = jnp.where(jnp.isfinite(m), m, 0.0)

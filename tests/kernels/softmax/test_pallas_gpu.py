@@ -185,6 +185,8 @@ def test_block_sizes_validation_and_defaults():
     gpu.BlockSizes(num_warps=3)
   d = gpu.BlockSizes.default(40, 3000)
   assert (d.block_q, d.block_k, d.block_q_dq, d.block_k_dkv) == (64, 64, 64, 64)
+  assert gpu.BlockSizes.default(4096, 4096, 256).fwd == (64, 64)  # tiles shrink for wide heads / f32
+  assert gpu.BlockSizes.default(4096, 4096, 128, itemsize=4).dkv == (32, 32)
   assert gpu.BlockSizes().warps(64) == 4 and gpu.BlockSizes().warps(128) == 8
   assert gpu.padded_head_dim(8) == 16 and gpu.padded_head_dim(96) == 128
 

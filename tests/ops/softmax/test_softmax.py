@@ -182,3 +182,13 @@ def test_block_sizes_validation():
     jaxattn.BlockSizes(0, 16)
   with pytest.raises(ValueError, match="block_k_dq"):
     jaxattn.BlockSizes(16, 16, block_k_dq=-2)
+
+
+def test_xla_memory_at_16k_stays_under_1gib():
+  """B=1, H=4, T=16K, D=64: XLA's buffer assignment for forward and forward+backward (compile only)."""
+  q = k = v = jax.ShapeDtypeStruct((1, 16384, 4, 64), jnp.float32)
+  fwd = lambda q, k, v: jaxattn.softmax_attention(q, k, v, mask=masks.Causal(), implementation="xla")
+  for fn in (fwd, jax.grad(lambda q, k, v: fwd(q, k, v).sum(), (0, 1, 2))):
+    mem = jax.jit(fn).lower(q, k, v).compile().memory_analysis()
+    total = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+    assert total < 1 << 30, f"{total / 2**20:.0f} MiB"
