@@ -111,9 +111,20 @@ class BlockSizes:
     return w if w is not None else (4 if head_dim <= 64 else 8)
 
   @classmethod
-  def default(cls, T: int, S: int) -> "BlockSizes":
-    """The defaults, each block shrunk to the (power-of-two rounded) sequence length for short sequences."""
-    d = cls()
+  def default(cls, T: int, S: int, head_dim: int = 128, itemsize: int = 2) -> "BlockSizes":
+    """Default tiles for a problem, sized so that the pipelined tiles fit in shared memory.
+
+    ``head_dim`` is the larger of D and E; ``itemsize`` the input bytes per element (2 for bf16/f16, 4 for f32).
+    Up to a bf16-equivalent head dim of 128: the class defaults; up to 256: 64 x 64 forward, 32 x 32 backward;
+    beyond: 32 x 32 everywhere. Each block is then shrunk to the (power-of-two rounded) sequence length.
+    """
+    width = padded_head_dim(head_dim) * itemsize // 2
+    if width <= 128:
+      d = cls()
+    elif width <= 256:
+      d = cls(64, 64, 32, 32, 32, 32, num_stages=2)
+    else:
+      d = cls(32, 32, 32, 32, 32, 32, num_stages=2, num_stages_bwd=1)
     fq = lambda b: min(b, max(16, _next_pow2(T)))
     fk = lambda b: min(b, max(16, _next_pow2(S)))
     return dataclasses.replace(d, block_q=fq(d.block_q), block_k=fk(d.block_k), block_q_dq=fq(d.block_q_dq),
@@ -344,7 +355,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qid_ref, kid_ref
     dp = _dot(do, v, _NT)
     ds = p * (dp - delta[:, None])
     if t is not None:
-      ds = ds
+      ds = ds * (1.0 - t * t)
     return dq + _dot(ds.astype(k.dtype), k, _NN)
 
   dq = lax.fori_loop(0, cnt_ref[qb], body, jnp.zeros(q.shape, jnp.float32))
@@ -445,7 +456,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qid_ref, kid_re
       dp = _dot(do, v, _NT)
       ds = p * (dp - delta[:, None])
       if t is not None:
-        ds = ds
+        ds = ds * (1.0 - t * t)
       dk = dk + _dot(ds.astype(q.dtype), q, _TN)
       return dk, dv
 

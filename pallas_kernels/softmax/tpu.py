@@ -15,15 +15,22 @@ Grids (the last axes are sequential, "arbitrary"; the others "parallel"):
 Scalar prefetch (SMEM, flattened int32 1-D so nothing is padded): the kv block to fetch at every grid step, the
 counts, the partial-tile id of every step and the tile to fetch. Steps past a row's count re-point every index map
 to the block fetched last (the lists are "carried forward" in grid order), so the pipeline fetches nothing new, and
-the body is skipped with ``pl.when(j < count)``. Full blocks run a body without any masking; partial blocks read
-their boolean pattern from ``tiles [U, bq, bk]`` (int8, deduplicated), whose block is chosen by the tile id in the
-index map. A full block between two partial ones keeps the last tile resident, so equal tiles (e.g. every causal
-diagonal block) are fetched once.
+the body is skipped with ``pl.when(j < count)``. Full blocks run a body without tile masking (segment ids, if any,
+still apply); partial blocks read their boolean pattern from ``tiles [U, bq, bk]`` (int8, deduplicated), whose block
+is chosen by the tile id in the index map. A full block between two partial ones keeps the last tile resident, so
+equal tiles (e.g. every causal diagonal block) are fetched once.
 
 Layouts: a ``[B, L, N, F]`` operand with ``F % 128 == 0`` is read in place as ``[B, L, N * F]`` (block
 ``(bl, F)`` at column block ``n``: no transpose); other head dims use ``[B, N, L, F]``. Segment ids and lse/delta are
 lane- or sublane-broadcast (``[B, Tp, 128]`` / ``[B, 8, Sp]``) so every block obeys the (8, 128) tiling rule.
 Rows with no allowed key give output 0, lse ``-inf`` and zero gradients (no NaN: ``-inf`` maxima are shifted by 0).
+T and S are zero-padded to whole blocks outside the kernels (``jnp.pad``); padded keys are masked in the forward and
+dq kernels (by the tiles, or by an iota bound on the last kv block when lists come without tiles); padded query rows
+are dropped, and zero padding contributes nothing to dk/dv.
+
+VMEM per step (forward, bq = bk = 512, D = E = 128, bf16): q, k, v, out blocks double-buffered (~1 MiB), m / l
+scratch ``(bq, 128)`` f32 and acc ``(bq, E)`` f32 (0.75 MiB), an int8 tile (0.5 MiB double-buffered) and the
+``[bq, bk]`` f32 logits / probabilities (~2 MiB): well inside the default scoped VMEM limit.
 """
 
 from __future__ import annotations
@@ -327,14 +334,52 @@ def _div(h, r: int):
   return h if r == 1 else lax.div(h, r)
 
 
+class _Control:
+  """Per-step control of the forward / dq kernels: validity, which body to run, and the mask of a masked step.
+
+  A step runs the masked body when its list entry is a partial tile or it is the last kv block and ``S`` is not a
+  block multiple (padded keys have logit ``q . 0`` and must not enter the softmax; with static masks the tiles
+  already mask them, data-dependent lists may come without tiles). Every other valid step runs unmasked.
+  """
+
+  def __init__(self, pref, slot, row, bk: int, kv_len: int):
+    self.pref, self.slot, self.row, self.bk, self.kv_len = pref, slot, row, bk, kv_len
+    self.has_tiles = len(pref) == 4
+    self.kv_blk = pref[0][slot]
+    self.partial = pref[2][slot] > 0 if self.has_tiles else None
+    self.edge = (self.kv_blk == kv_len // bk) if kv_len % bk else None
+
+  def run(self, j, step):
+    valid = j < self.pref[1][self.row]
+    need = [c for c in (self.partial, self.edge) if c is not None]
+    if not need:
+      pl.when(valid)(lambda: step(False))
+      return
+    need = functools.reduce(jnp.logical_or, need)
+    pl.when(valid & need)(lambda: step(True))
+    pl.when(valid & jnp.logical_not(need))(lambda: step(False))
+
+  def keep(self, masked: bool, shape, tile_ref, seg):
+    """Boolean ``[bq, bk]`` of allowed pairs (None: all allowed)."""
+    keep = []
+    if masked and self.has_tiles:
+      # int8 in memory (bool would be i32); the resident tile belongs to this step only if it is partial.
+      tile = tile_ref[...].astype(jnp.int32) != 0
+      keep.append(tile | jnp.broadcast_to(jnp.logical_not(self.partial), shape))
+    if masked and self.edge is not None:
+      keep.append(lax.broadcasted_iota(jnp.int32, shape, 1) + self.kv_blk * self.bk < self.kv_len)
+    if seg is not None:
+      keep.append(_lanes(seg[0][...], shape[1]) == seg[1][:1, :])
+    return functools.reduce(jnp.logical_and, keep) if keep else None
+
+
 # ------------------------------------------------------------------------------------------------ forward
-def _fwd_kernel(*refs, geom: _Geom, has_seg: bool, has_tiles: bool, with_lse: bool, scale: float, cap, prec):
+def _fwd_kernel(*refs, geom: _Geom, has_seg: bool, has_tiles: bool, kv_len: int, with_lse: bool, scale: float,
+                cap, prec):
   npf = 4 if has_tiles else 2
   (pref, (q_ref, k_ref, v_ref), seg, tile_ref, o_ref, lse_ref, (m_scr, l_scr, acc_scr)) = _unpack(
       refs, npf, 3, 2 if has_seg else 0, int(has_tiles), 1, int(with_lse), 3)
-  cnt_ref = pref[1]
   b, h, i, j = (pl.program_id(a) for a in range(4))
-  slot = geom.slot(b, h, i, j)
   bk, E = k_ref.shape[0], v_ref.shape[-1]
 
   @pl.when(j == 0)
@@ -343,15 +388,12 @@ def _fwd_kernel(*refs, geom: _Geom, has_seg: bool, has_tiles: bool, with_lse: bo
     l_scr[...] = jnp.zeros(l_scr.shape, _F32)
     acc_scr[...] = jnp.zeros(acc_scr.shape, _F32)
 
+  ctl = _Control(pref, geom.slot(b, h, i, j), geom.row(b, h, i), bk, kv_len)
+
   def step(masked: bool):
     s = lax.dot_general(q_ref[...], k_ref[...], _NT, preferred_element_type=_F32, precision=prec) * scale  # [bq, bk]
     s, _ = _logits(s, cap)
-    keep = None
-    if masked:
-      keep = tile_ref[...] != 0
-    if has_seg:
-      same = _lanes(seg[0][...], bk) == seg[1][:1, :]
-      keep = same if keep is None else keep & same
+    keep = ctl.keep(masked, s.shape, tile_ref, seg)
     if keep is not None:
       s = jnp.where(keep, s, -jnp.inf)
     m_prev, l_prev = m_scr[...], l_scr[...]  # [bq, 128]
@@ -365,13 +407,7 @@ def _fwd_kernel(*refs, geom: _Geom, has_seg: bool, has_tiles: bool, with_lse: bo
     pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=_F32, precision=prec)
     acc_scr[...] = acc_scr[...] * _lanes(alpha, E) + pv
 
-  valid = j < cnt_ref[geom.row(b, h, i)]
-  if has_tiles:
-    partial = pref[2][slot] > 0
-    pl.when(valid & partial)(lambda: step(True))
-    pl.when(valid & jnp.logical_not(partial))(lambda: step(False))
-  else:
-    pl.when(valid)(lambda: step(False))
+  ctl.run(j, step)
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _end():
@@ -394,7 +430,8 @@ def flash_attention_fwd(q, k, v, lists: VisitLists, tiles=None, *, q_segment_ids
     lists: per query block (``nQ = ceil(T / block_q)``) the kv blocks (of ``block_k``) to visit,
       ``[1|B, 1|H, nQ, K]``.
     tiles: ``[U, block_q, block_k]`` bool/int partial-block patterns (tile 0 unused), or None when no list entry is
-      partial. They must mask the padding rows/columns of the last blocks.
+      partial. Padded keys (``S`` not a block multiple) are masked by the kernel itself; padded query rows are
+      dropped.
     q_segment_ids, kv_segment_ids: optional int ``[B, T]`` / ``[B, S]``.
     scale: logit scale; soft_cap: optional ``cap`` for ``cap * tanh(s / cap)``.
     block_q, block_k: tiles, checked against the (8, 128) rule (block_k is a lane dim).
@@ -444,8 +481,8 @@ def flash_attention_fwd(q, k, v, lists: VisitLists, tiles=None, *, q_segment_ids
     out_specs.append(pl.BlockSpec((None, None, bq, NUM_LANES), lambda b, h, i, j, *_: (b, h, i, 0)))
     out_shape.append(jax.ShapeDtypeStruct((B, H, Tp, NUM_LANES), _F32))
 
-  kernel = functools.partial(_fwd_kernel, geom=geom, has_seg=has_seg, has_tiles=has_tiles, with_lse=return_lse,
-                             scale=float(scale), cap=soft_cap, prec=_precision(q.dtype))
+  kernel = functools.partial(_fwd_kernel, geom=geom, has_seg=has_seg, has_tiles=has_tiles, kv_len=S,
+                             with_lse=return_lse, scale=float(scale), cap=soft_cap, prec=_precision(q.dtype))
   outs = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -463,14 +500,13 @@ def flash_attention_fwd(q, k, v, lists: VisitLists, tiles=None, *, q_segment_ids
 
 
 # ------------------------------------------------------------------------------------------------ backward: dq
-def _dq_kernel(*refs, geom: _Geom, has_seg: bool, has_tiles: bool, scale: float, cap, prec):
+def _dq_kernel(*refs, geom: _Geom, has_seg: bool, has_tiles: bool, kv_len: int, scale: float, cap, prec):
   npf = 4 if has_tiles else 2
   (pref, (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), seg, tile_ref, dq_ref, dq_scr) = _unpack(
       refs, npf, 6, 2 if has_seg else 0, int(has_tiles), 1, 1)
-  cnt_ref = pref[1]
   b, h, i, j = (pl.program_id(a) for a in range(4))
-  slot = geom.slot(b, h, i, j)
   bk = k_ref.shape[0]
+  ctl = _Control(pref, geom.slot(b, h, i, j), geom.row(b, h, i), bk, kv_len)
 
   @pl.when(j == 0)
   def _init():
@@ -480,12 +516,7 @@ def _dq_kernel(*refs, geom: _Geom, has_seg: bool, has_tiles: bool, scale: float,
     k, v = k_ref[...], v_ref[...]
     s = lax.dot_general(q_ref[...], k, _NT, preferred_element_type=_F32, precision=prec) * scale  # [bq, bk]
     s, t = _logits(s, cap)
-    keep = None
-    if masked:
-      keep = tile_ref[...] != 0
-    if has_seg:
-      same = _lanes(seg[0][...], bk) == seg[1][:1, :]
-      keep = same if keep is None else keep & same
+    keep = ctl.keep(masked, s.shape, tile_ref, seg)
     if keep is not None:
       s = jnp.where(keep, s, -jnp.inf)
     p = jnp.exp(s - _lanes(lse_ref[...], bk))
@@ -495,13 +526,7 @@ def _dq_kernel(*refs, geom: _Geom, has_seg: bool, has_tiles: bool, scale: float,
       ds = ds * (1.0 - t * t)
     dq_scr[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=_F32, precision=prec)
 
-  valid = j < cnt_ref[geom.row(b, h, i)]
-  if has_tiles:
-    partial = pref[2][slot] > 0
-    pl.when(valid & partial)(lambda: step(True))
-    pl.when(valid & jnp.logical_not(partial))(lambda: step(False))
-  else:
-    pl.when(valid)(lambda: step(False))
+  ctl.run(j, step)
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _end():
@@ -558,8 +583,8 @@ def flash_attention_bwd_dq(q, k, v, do, lse, delta, lists: VisitLists, tiles=Non
     operands.append(_tiles(tiles))
   dqop = _Operand(D % NUM_LANES == 0, bq, D)
 
-  kernel = functools.partial(_dq_kernel, geom=geom, has_seg=has_seg, has_tiles=has_tiles, scale=float(scale),
-                             cap=soft_cap, prec=_precision(q.dtype))
+  kernel = functools.partial(_dq_kernel, geom=geom, has_seg=has_seg, has_tiles=has_tiles, kv_len=S,
+                             scale=float(scale), cap=soft_cap, prec=_precision(q.dtype))
   dq = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -596,7 +621,7 @@ def _dkv_kernel(*refs, geom: _Geom, R: int, has_seg: bool, has_tiles: bool, scal
     st, t = _logits(st, cap)
     keep = None
     if masked:
-      keep = tile_ref[...] != 0
+      keep = tile_ref[...].astype(jnp.int32) != 0  # int8 in memory (4x less than bool's i32)
     if has_seg:
       same = seg[0][:1, :] == _lanes(seg[1][...], bq)
       keep = same if keep is None else keep & same
@@ -610,6 +635,8 @@ def _dkv_kernel(*refs, geom: _Geom, R: int, has_seg: bool, has_tiles: bool, scal
       dst = dst * (1.0 - t * t)
     dk_scr[...] += jnp.dot(dst.astype(q.dtype), q, preferred_element_type=_F32, precision=prec)
 
+  # Padded keys (rows >= S of the last block) need no mask here: their dk / dv rows are dropped, and they add
+  # nothing to real rows.
   valid = j < cnt_ref[geom.row(b, h, kb)]
   if has_tiles:
     partial = pref[2][slot] > 0

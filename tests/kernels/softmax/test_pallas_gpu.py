@@ -247,3 +247,29 @@ class TestOnGpu:
     q, k, v, w_out, w_lse = _inputs(2, B, T, S, H, G, D, D)
     seg = (_doc_ids(B, T, [100, 233]), _doc_ids(B, S, [150, 367]))
     _compare(q, k, v, seg, w_out, w_lse, masks.Causal(S - T), 20.0, None)
+
+
+# ------------------------------------------------------------------------------------------------- fuzzed (slow)
+@pytest.mark.slow
+def test_fuzzed_masks_interpret():
+  """The fuzzed mask strategies (random slices, windows, layouts, combinations, segment ids) in interpret mode."""
+  from hypothesis import given, settings, strategies as st
+
+  from tests import strategies as mst
+
+  @settings(max_examples=5, deadline=None)
+  @given(data=st.data(), T=st.integers(1, 48), S=st.integers(1, 48), heads=st.sampled_from([(2, 2), (4, 2), (2, 1)]),
+         bq=st.sampled_from([16, 32]), bk=st.sampled_from([16, 32]), segments=st.booleans(),
+         cap=st.sampled_from([None, 5.0]), seed=st.integers(0, 1000))
+  def check(data, T, S, heads, bq, bk, segments, cap, seed):
+    H, G = heads
+    mask = data.draw(mst.any_mask(T, S))
+    q, k, v, w_out, w_lse = _inputs(seed, 2, T, S, H, G, 16, 16)
+    seg = None
+    if segments:
+      rng = np.random.default_rng(seed)
+      seg = (jnp.asarray(np.sort(rng.integers(0, 3, (2, T)), 1), jnp.int32),
+             jnp.asarray(np.sort(rng.integers(0, 3, (2, S)), 1), jnp.int32))
+    _compare(q, k, v, seg, w_out, w_lse, mask, cap, BS(bq, bk))
+
+  check()
