@@ -74,12 +74,19 @@ def override(dtype, kind: str, *, atol: float, rtol: float, reason: str) -> Iter
 
 def random_qkv(key, *, B: int, T: int, S: int | None = None, H: int, G: int | None = None, D: int,
                E: int | None = None, dtype=jnp.float32):
-  """Random normal ``q [B,T,H,D]``, ``k [B,S,G,D]``, ``v [B,S,G,E]`` (never zeros)."""
+  """Random normal ``q [B,T,H,D]``, ``k [B,S,G,D]``, ``v [B,S,G,E]`` (never zeros).
+
+  ``key`` is a ``jax.random`` key or an int seed. Values are drawn with numpy from a seed derived from the key, so
+  no random kernel is compiled per shape (tests create many shapes).
+  """
   S, G, E = S or T, G or H, E or D
-  kq, kk, kv = jax.random.split(key, 3)
-  q = jax.random.normal(kq, (B, T, H, D), jnp.float32).astype(dtype)
-  k = jax.random.normal(kk, (B, S, G, D), jnp.float32).astype(dtype)
-  v = jax.random.normal(kv, (B, S, G, E), jnp.float32).astype(dtype)
+  if isinstance(key, (int, np.integer)):
+    seed = int(key)
+  else:
+    seed = int(np.asarray(jax.random.key_data(key)).astype(np.uint64).sum())
+  rng = np.random.default_rng(seed)
+  q, k, v = (jnp.asarray(rng.standard_normal(shape, np.float32)).astype(dtype)
+             for shape in ((B, T, H, D), (B, S, G, D), (B, S, G, E)))
   return q, k, v
 
 

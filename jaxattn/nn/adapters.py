@@ -33,7 +33,6 @@ from jaxattn.ops.softmax.config import BlockSizes
 
 __all__ = ["AttentionFn", "as_attention_fn"]
 
-
 @dataclasses.dataclass(frozen=True)
 class AttentionFn:
   """A flax ``attention_fn`` backed by :func:`jaxattn.softmax_attention` (build it with :func:`as_attention_fn`).
@@ -133,8 +132,8 @@ class AttentionFn:
       full_bias = mask_bias if full_bias is None else full_bias + mask_bias
       row_any = allowed.any(-1)  # [B|1, H|1, T]
     out = softmax_attention(q, k, v, mask=static, bias=full_bias, scale=self.scale,
-                            logits_soft_cap=self.logits_soft_cap, implementation=self.implementation,
-                            block_sizes=self.block_sizes)  # [B, T, H, E]
+                  logits_soft_cap=self.logits_soft_cap, implementation=self.implementation,
+                  block_sizes=self.block_sizes)  # [B, T, H, E]
     if row_any is not None:
       out = jnp.where(row_any.transpose(0, 2, 1)[..., None], out, jnp.zeros((), out.dtype))
     return out.reshape(*batch, T, H, out.shape[-1])

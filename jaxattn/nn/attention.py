@@ -38,7 +38,6 @@ from jaxattn.ops.softmax.api import softmax_attention
 
 __all__ = ["MultiHeadAttention"]
 
-
 def _check_positive_int(name: str, value) -> int:
   if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
     raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -233,7 +232,7 @@ class MultiHeadAttention(nnx.Module):
         q = apply_rope(q, positions, self.rope_base)
         k = apply_rope(k, positions, self.rope_base)
       out = softmax_attention(q, k, v, mask=mask, segment_ids=segment_ids, scale=self.scale,
-                              logits_soft_cap=self.logits_soft_cap, implementation=self.implementation)
+                    logits_soft_cap=self.logits_soft_cap, implementation=self.implementation)
     return self.out(out)  # [B, T, Fout]
 
   def _decode(self, q, k, v, mask, positions):
@@ -271,7 +270,7 @@ class MultiHeadAttention(nnx.Module):
         allowed &= j >= idx + lo
       kv_ids = jnp.broadcast_to(jnp.where(allowed, 0, 1).astype(jnp.int32), (B, L))
       return softmax_attention(q, ck, cv, segment_ids=(q_ids, kv_ids), scale=self.scale,
-                               logits_soft_cap=self.logits_soft_cap, implementation=self.implementation)
+                     logits_soft_cap=self.logits_soft_cap, implementation=self.implementation)
     # A chunk of T queries at absolute positions idx..idx+T-1. The static mask cannot depend on idx, so roll the
     # cache so the n = idx + T filled keys occupy the last n slots: query i then sits at rolled position
     # L - T + i, the band becomes a static Causal / Local mask with offset L - T + hi, and the n filled slots are
@@ -283,4 +282,4 @@ class MultiHeadAttention(nnx.Module):
     static = Causal(offset) if lo is None else Local(hi - lo, 0, offset)
     kv_ids = jnp.broadcast_to(jnp.where(j >= shift, 0, 1).astype(jnp.int32), (B, L))
     return softmax_attention(q, ck, cv, mask=static, segment_ids=(q_ids, kv_ids), scale=self.scale,
-                             logits_soft_cap=self.logits_soft_cap, implementation=self.implementation)
+                   logits_soft_cap=self.logits_soft_cap, implementation=self.implementation)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -89,9 +90,17 @@ def softmax_attention(q, k, v, *, mask: Mask | None = None, segment_ids=None, bi
     raise ValueError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")
   cfg = AttentionConfig(T=T, S=S, scale=float(scale), logits_soft_cap=logits_soft_cap, mask=mask,
                         block_sizes=block_sizes, return_lse=bool(return_lse))
-  out, lse = _dispatch.dispatch("softmax_attention", REGISTRY, implementation, DEFAULTS,
-                                q, k, v, bias, q_ids, kv_ids, cfg)
+  if implementation is not None and not isinstance(implementation, str):
+    implementation = tuple(implementation)
+  out, lse = _run(q, k, v, bias, q_ids, kv_ids, implementation=implementation, cfg=cfg)
   return (out, lse) if return_lse else out
+
+
+@functools.partial(jax.jit, static_argnames=("implementation", "cfg"))
+def _run(q, k, v, bias, q_ids, kv_ids, *, implementation, cfg: AttentionConfig):
+  # jit here so eager calls compile once per (shapes, config), not on every call; inlined under an outer jit.
+  return _dispatch.dispatch("softmax_attention", REGISTRY, implementation, DEFAULTS, q, k, v, bias, q_ids, kv_ids,
+                            cfg)
 
 
 def _validate_qkv(q, k, v) -> None:
