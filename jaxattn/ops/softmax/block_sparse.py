@@ -2,12 +2,16 @@
 
 Each (batch, query head, query block) lists the kv blocks it visits; a static mask applies on top. This is the
 index-driven form used by top-k block selection, landmark retrieval and random block masks.
+
+The Pallas implementations run the softmax kernels of ``softmax_attention`` over per-(batch, query head) visiting
+lists built on device by :func:`device_lists` (deduplicated, sorted, intersected with the static mask's non-empty
+blocks, plus the transposed lists for dk/dv); the kernels' tile is the lists' ``block_q x block_k``.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +19,9 @@ from jax import lax
 
 from jaxattn import _dispatch
 from jaxattn.masks import Full, Mask
+from jaxattn.ops.softmax import pallas_gpu, pallas_tpu
 from jaxattn.ops.softmax.api import _validate_qkv
-from jaxattn.ops.softmax.mask_info import mask_info
+from jaxattn.ops.softmax.mask_info import MaskInfo, mask_info
 from jaxattn.ops.softmax.reference import dense_attention
 
 
@@ -37,7 +42,10 @@ def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_
     mask: static mask applied on top (e.g. ``Causal()``).
     scale: default ``D ** -0.5``.
     implementation: ``"reference"`` (dense), ``"xla"`` (gathers the listed blocks per query block; memory
-      ``O(B * H * K * block_k * (D + block_q))`` per step), or the Pallas kernels when installed.
+      ``O(B * H * K * block_k * (D + block_q))`` per step), ``"pallas_gpu"`` (block sizes powers of two >= 16) or
+      ``"pallas_tpu"`` (``block_q`` and ``block_k`` multiples of 128 unless they cover T / S); the Pallas kernels
+      run in interpret mode on CPU. None picks per platform, falling back to ``"xla"`` when the block sizes do
+      not fit the kernels.
 
   Returns:
     ``out [B, T, H, E]``; differentiable with respect to q, k and v.
@@ -132,5 +140,80 @@ def _block_sparse_xla_impl(q, k, v, idx, cnt, bq, bk, mask, scale):
   return out.transpose(1, 0, 2, 3, 4).reshape(B, nq * bq, H, E)[:, :T]
 
 
-REGISTRY = {"reference": _block_sparse_reference, "xla": _block_sparse_xla}
+# ------------------------------------------------------------------------------------------------------ Pallas
+class DeviceLists(NamedTuple):
+  """Kernel visiting lists built on device from data-dependent block lists (int32).
+
+  - ``index [B, H, nQ, Kw]``: per query block the distinct kv blocks to visit, sorted, first ``count`` valid, the
+    rest repeating the last valid entry (0 when none); ``Kw = min(K, nK)``;
+  - ``count [B, H, nQ]`` and ``tile [B, H, nQ, Kw]`` (``tile_of[qb, kb]``: 0 full, ``t >= 1`` = ``tiles[t]``);
+  - ``index_t / count_t / tile_t``: the transpose, per kv block the sorted query blocks visiting it
+    (``[B, H, nK, nQ]`` / ``[B, H, nK]`` / ``[B, H, nK, nQ]``).
+  """
+
+  index: jax.Array
+  count: jax.Array
+  tile: jax.Array
+  index_t: jax.Array
+  count_t: jax.Array
+  tile_t: jax.Array
+
+
+def device_lists(idx, cnt, info: MaskInfo) -> DeviceLists:
+  """Compacts ``block_sparse_attention``'s lists for the kernels (pure jnp, jit-friendly).
+
+  Drops the entries past the count, those naming a block that is empty under the static mask
+  (``info.layout == 0``) and repeats; sorts the rest to the front.
+
+  Args:
+    idx: int32 ``[B, H, nQ, K]`` kv block ids in ``[0, nK)``; cnt: int32 ``[B, H, nQ]`` in ``[0, K]``.
+    info: the static mask's :class:`MaskInfo` at the lists' block sizes (``nQ x nK`` blocks).
+  """
+  B, H, nq, K = idx.shape
+  nk = info.num_k_blocks
+  layout, tile_of = jnp.asarray(info.layout), jnp.asarray(info.tile_of)
+  rows = jnp.arange(nq)[:, None]
+  keep = (jnp.arange(K) < cnt[..., None]) & (layout[rows, idx] != 0)
+  ids = jnp.sort(jnp.where(keep, idx, nk), axis=-1)  # nk: sentinel, sorts last
+  repeat = jnp.concatenate([jnp.zeros_like(keep[..., :1]), ids[..., 1:] == ids[..., :-1]], axis=-1)
+  ids = jnp.sort(jnp.where(repeat, nk, ids), axis=-1)[..., :min(K, nk)]
+  index, count = _compact(ids, nk)
+  # The transpose from the scattered [B, H, nQ, nK] visit pattern (sentinel entries fall outside and are dropped).
+  b, h, r, _ = jnp.indices(ids.shape, sparse=True)
+  visit = jnp.zeros((B, H, nq, nk), bool).at[b, h, r, ids].set(True, mode="drop")
+  ids_t = jnp.sort(jnp.where(visit.swapaxes(2, 3), jnp.arange(nq, dtype=jnp.int32), nq), axis=-1)
+  index_t, count_t = _compact(ids_t, nq)
+  return DeviceLists(index, count, tile_of[rows, index], index_t, count_t,
+                     tile_of.T[jnp.arange(nk)[:, None], index_t])
+
+
+def _compact(ids, sentinel: int):
+  """Sorted ids with ``sentinel`` past the valid ones -> (ids padded by the last valid one or 0, count)."""
+  count = jnp.sum(ids < sentinel, axis=-1, dtype=jnp.int32)
+  last = jnp.take_along_axis(ids, jnp.maximum(count - 1, 0)[..., None], axis=-1)
+  last = jnp.where(count[..., None] > 0, last, 0)
+  return jnp.where(ids < sentinel, ids, last).astype(jnp.int32), count
+
+
+def _block_sparse_pallas(backend, q, k, v, idx, cnt, block_q, block_k, mask, scale):
+  """``backend``: the ``pallas_gpu`` or ``pallas_tpu`` wrapper module. Refuses block sizes the kernels cannot run."""
+  st = backend.block_sparse_static(q, k, v, block_q, block_k, scale)  # NotImplementedError -> next implementation
+  return _block_sparse_pallas_impl(q, k, v, idx, cnt, backend, st, mask), None
+
+
+@functools.partial(jax.jit, static_argnums=(5, 6, 7))
+def _block_sparse_pallas_impl(q, k, v, idx, cnt, backend, st, mask):
+  info = mask_info(mask, q.shape[1], k.shape[1], *st.blocks.fwd)  # at the kernels' (clamped) tile
+  lists = device_lists(idx, cnt, info)
+  out, _ = backend.block_sparse_attention_lists(q, k, v, lists[:3], lists[3:],
+                                                info.tiles if info.has_partial else None, st)
+  return out
+
+
+REGISTRY = {
+    "reference": _block_sparse_reference,
+    "xla": _block_sparse_xla,
+    "pallas_gpu": functools.partial(_block_sparse_pallas, pallas_gpu),
+    "pallas_tpu": functools.partial(_block_sparse_pallas, pallas_tpu),
+}
 DEFAULTS = {"cpu": ("xla",), "gpu": ("pallas_gpu", "xla"), "tpu": ("pallas_tpu", "xla")}

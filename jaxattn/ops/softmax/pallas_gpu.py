@@ -13,12 +13,18 @@ Supports: every static mask, segment ids, GQA/MQA (K/V never repeated), soft cap
 head dims up to 256 (non powers of two are zero-padded), f32/bf16/f16. Refuses (``NotImplementedError``): bias,
 platforms other than GPU and CPU, block sizes that are not powers of two >= 16. On a CPU backend it runs in Pallas
 interpret mode (slow; for tests and users without a GPU); ``implementation=None`` never picks it there.
+
+The ``custom_vjp`` takes the visiting lists as (integer, non-differentiable) array inputs: the static-mask path
+passes the ``mask_info`` lists (``[1, 1, ...]``, one tile per kernel); ``block_sparse_attention`` passes
+data-dependent per-(batch, query head) lists built on device (:func:`block_sparse_static`,
+:func:`block_sparse_attention_lists`; one tile for all three kernels).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,18 +57,64 @@ def gpu_block_sizes(cfg: AttentionConfig, head_dim: int = 128, itemsize: int = 2
     raise NotImplementedError(f"pallas_gpu cannot use {b}: {e}") from None
 
 
-def softmax_attention_pallas_gpu(q, k, v, bias, q_ids, kv_ids, cfg: AttentionConfig):
-  """Pallas GPU kernels (interpret mode on CPU). See the module docstring for what is supported."""
+def _check_call(q, v) -> str:
+  """The platform, after refusing (``NotImplementedError``) the platforms and head dims the kernels lack."""
   platform = _dispatch.platform()
   if platform not in ("gpu", "cpu"):
     raise NotImplementedError(f"pallas_gpu runs on GPU (or CPU in interpret mode), not on {platform}")
-  if bias is not None:
-    raise NotImplementedError("pallas_gpu does not support bias")
   D, E = q.shape[-1], v.shape[-1]
   if not (gpu.supported_head_dim(D) and gpu.supported_head_dim(E)):
     raise NotImplementedError(f"pallas_gpu supports head dims up to {gpu.MAX_HEAD_DIM}, got D={D}, E={E}")
+  return platform
+
+
+def softmax_attention_pallas_gpu(q, k, v, bias, q_ids, kv_ids, cfg: AttentionConfig):
+  """Pallas GPU kernels (interpret mode on CPU). See the module docstring for what is supported."""
+  if bias is not None:
+    raise NotImplementedError("pallas_gpu does not support bias")
+  platform = _check_call(q, v)
+  D, E = q.shape[-1], v.shape[-1]
   st = _Static(cfg, gpu_block_sizes(cfg, max(D, E), jnp.dtype(q.dtype).itemsize), interpret=platform == "cpu")
   return _attention(q, k, v, q_ids, kv_ids, st)
+
+
+# ------------------------------------------------------------------------------------------ dynamic block lists
+def block_sparse_static(q, k, v, block_q: int, block_k: int, scale: float) -> _Static:
+  """The static part of a ``block_sparse_attention`` call: the lists' ``block_q x block_k`` tile for all kernels.
+
+  Raises:
+    NotImplementedError: a platform or head dim the kernels lack, or list block sizes that are not powers of
+      two >= 16 (the caller then falls back to another implementation).
+  """
+  platform = _check_call(q, v)
+  try:
+    blocks = gpu.BlockSizes(block_q=block_q, block_k=block_k, block_q_dq=block_q, block_k_dq=block_k,
+                            block_q_dkv=block_q, block_k_dkv=block_k)
+  except ValueError as e:
+    raise NotImplementedError(f"pallas_gpu cannot run lists of {block_q} x {block_k} blocks: {e}") from None
+  cfg = AttentionConfig(T=q.shape[1], S=k.shape[1], scale=float(scale))
+  return _Static(cfg, blocks, interpret=platform == "cpu")
+
+
+def block_sparse_attention_lists(q, k, v, lists, lists_t, tiles, st: _Static):
+  """Attention over data-dependent visiting lists (the ``block_sparse_attention`` path), differentiable in q, k, v.
+
+  Args:
+    q, k, v: as in ``softmax_attention``.
+    lists: ``(index, count, tile)`` int32 ``[B, H, nQ, K]``, ``[B, H, nQ]``, ``[B, H, nQ, K]``: per query block the
+      distinct kv blocks to visit (sorted, padded by repeating the last valid one), their count and tile ids.
+    lists_t: the transpose ``(index, count, tile)`` over the kv blocks: ``[B, H, nK, nQ]``, ``[B, H, nK]``, ...
+    tiles: ``[U, block_q, block_k]`` partial-block patterns the tile ids index, or None when every id is 0.
+    st: from :func:`block_sparse_static` (its tile is the lists' block size).
+
+  Returns:
+    ``out [B, T, H, E]`` and ``lse [B, H, T]``.
+  """
+  tiles = None if tiles is None else jnp.asarray(tiles).astype(jnp.int8)
+  tile = lambda t: None if tiles is None else t
+  fwd = _Plan(gpu.BlockLists(lists[0], lists[1], tile(lists[2])), tiles)
+  dkv = _Plan(gpu.BlockLists(lists_t[0], lists_t[1], tile(lists_t[2])), tiles)
+  return _attention_lists(q, k, v, None, None, (fwd, fwd, dkv), st)
 
 
 # ------------------------------------------------------------------------------------------------- mask lists
@@ -78,40 +130,58 @@ def _lists(info: MaskInfo, transposed: bool = False) -> tuple[gpu.BlockLists, ja
   return gpu.BlockLists(lift(index), lift(count), lift(tile)), jnp.asarray(info.tiles.astype("int8"))
 
 
-# -------------------------------------------------------------------------------------------------- custom_vjp
-def _forward(q, k, v, q_ids, kv_ids, st: _Static):
+class _Plan(NamedTuple):
+  """One kernel's visiting lists and tiles (int arrays or None: non-differentiable ``custom_vjp`` inputs)."""
+
+  lists: gpu.BlockLists
+  tiles: jax.Array | None
+
+
+def _static_plans(st: _Static) -> tuple[_Plan, _Plan, _Plan]:
+  """The static mask's forward, dq and (transposed) dk/dv lists, each at its kernel's tile."""
   cfg, b = st.cfg, st.blocks
-  lists, tiles = _lists(mask_info(cfg.mask, cfg.T, cfg.S, *b.fwd))
-  return gpu.flash_forward(q, k, v, q_ids, kv_ids, lists, tiles, block_q=b.block_q, block_k=b.block_k,
+  info = lambda blocks: mask_info(cfg.mask, cfg.T, cfg.S, *blocks)
+  return _Plan(*_lists(info(b.fwd))), _Plan(*_lists(info(b.dq))), _Plan(*_lists(info(b.dkv), transposed=True))
+
+
+# -------------------------------------------------------------------------------------------------- custom_vjp
+def _forward(q, k, v, q_ids, kv_ids, plan: _Plan, st: _Static):
+  cfg, b = st.cfg, st.blocks
+  return gpu.flash_forward(q, k, v, q_ids, kv_ids, plan.lists, plan.tiles, block_q=b.block_q, block_k=b.block_k,
                            scale=cfg.scale, soft_cap=cfg.logits_soft_cap, num_warps=b.warps(q.shape[-1]),
                            num_stages=b.num_stages, interpret=st.interpret)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _attention(q, k, v, q_ids, kv_ids, st: _Static):
-  return _forward(q, k, v, q_ids, kv_ids, st)
+  """The static-mask path: the kernels over the ``mask_info`` lists."""
+  return _attention_lists(q, k, v, q_ids, kv_ids, _static_plans(st), st)
 
 
-def _attention_fwd(q, k, v, q_ids, kv_ids, st):
-  out, lse = _forward(q, k, v, q_ids, kv_ids, st)
-  return (out, lse), (q, k, v, q_ids, kv_ids, out, lse)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _attention_lists(q, k, v, q_ids, kv_ids, plans: tuple[_Plan, _Plan, _Plan], st: _Static):
+  """``plans``: the forward, dq and transposed dk/dv lists with their tiles, at ``st.blocks``' tiles."""
+  return _forward(q, k, v, q_ids, kv_ids, plans[0], st)
+
+
+def _attention_fwd(q, k, v, q_ids, kv_ids, plans, st):
+  out, lse = _forward(q, k, v, q_ids, kv_ids, plans[0], st)
+  return (out, lse), (q, k, v, q_ids, kv_ids, plans, out, lse)
 
 
 def _attention_bwd(st: _Static, res, g):
-  q, k, v, q_ids, kv_ids, out, lse = res
+  q, k, v, q_ids, kv_ids, plans, out, lse = res
   dout, dlse = g
   cfg, b = st.cfg, st.blocks
   # delta_i = sum_e dO_ie O_ie - dlse_i: the row term of the softmax Jacobian (lse enters as -dlse).
   delta = jnp.einsum("bthe,bthe->bht", dout.astype(jnp.float32), out.astype(jnp.float32)) - dlse
   common = dict(scale=cfg.scale, soft_cap=cfg.logits_soft_cap, num_warps=b.warps(max(q.shape[-1], v.shape[-1]), True),
                 num_stages=b.num_stages_bwd, interpret=st.interpret)
-  lists, tiles = _lists(mask_info(cfg.mask, cfg.T, cfg.S, *b.dq))
-  dq = gpu.flash_backward_dq(q, k, v, q_ids, kv_ids, dout, lse, delta, lists, tiles, block_q=b.block_q_dq,
+  _, dq_plan, dkv_plan = plans
+  dq = gpu.flash_backward_dq(q, k, v, q_ids, kv_ids, dout, lse, delta, *dq_plan, block_q=b.block_q_dq,
                              block_k=b.block_k_dq, **common)
-  lists_t, tiles = _lists(mask_info(cfg.mask, cfg.T, cfg.S, *b.dkv), transposed=True)
-  dk, dv = gpu.flash_backward_dkv(q, k, v, q_ids, kv_ids, dout, lse, delta, lists_t, tiles,
+  dk, dv = gpu.flash_backward_dkv(q, k, v, q_ids, kv_ids, dout, lse, delta, *dkv_plan,
                                   block_q=b.block_q_dkv, block_k=b.block_k_dkv, **common)
-  return dq, dk, dv, None, None
+  return dq, dk, dv, None, None, None
 
 
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention_lists.defvjp(_attention_fwd, _attention_bwd)

@@ -11,13 +11,19 @@ this on CPU.
 Block sizes: ``cfg.block_sizes`` (:class:`jaxattn.ops.softmax.config.BlockSizes`) converted to the kernel's
 :class:`pallas_kernels.softmax.tpu.BlockSizes` (default 512 x 512 for all three kernels), clamped to T / S and
 checked against the TPU (8, 128) tiling rule (``ValueError`` otherwise, also in interpret mode).
+
+The ``custom_vjp`` takes the visiting lists as (integer, non-differentiable) array inputs: the static-mask path
+passes the ``mask_info`` lists (``[1, 1, ...]``, one tile per kernel); ``block_sparse_attention`` passes
+data-dependent per-(batch, query head) lists built on device (:func:`block_sparse_static`,
+:func:`block_sparse_attention_lists`; one tile for all three kernels, so ``block_q`` must be a multiple of 128 or
+cover T: it is a lane dim of the dk/dv kernel).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +37,8 @@ from jaxattn.ops.softmax.config import BlockSizes as _UserBlockSizes
 from jaxattn.ops.softmax.mask_info import MaskInfo, mask_info
 from pallas_kernels.softmax import tpu as kernels
 
-__all__ = ["softmax_attention_pallas_tpu", "block_sizes", "kernel_cost", "TPU_SPECS"]
+__all__ = ["softmax_attention_pallas_tpu", "block_sparse_static", "block_sparse_attention_lists", "block_sizes",
+           "kernel_cost", "TPU_SPECS"]
 
 
 def block_sizes(cfg_blocks: _UserBlockSizes | None, T: int, S: int) -> kernels.BlockSizes:
@@ -69,45 +76,112 @@ def softmax_attention_pallas_tpu(q, k, v, bias, q_ids, kv_ids, cfg: AttentionCon
   """
   if bias is not None:
     raise NotImplementedError("pallas_tpu does not support bias")
-  platform = _dispatch.platform()
-  if platform == "tpu":
-    interpret = False
-  elif platform == "cpu":
-    interpret = pltpu.InterpretParams()
-  else:
-    raise NotImplementedError(f"pallas_tpu runs on TPU (or in interpret mode on CPU), not on {platform!r}")
+  interpret = _interpret()
   st = _Static(cfg, block_sizes(cfg.block_sizes, cfg.T, cfg.S), interpret)
   return _attention(q, k, v, q_ids, kv_ids, st)
 
 
+def _interpret():
+  """False on TPU, interpret params on CPU; ``NotImplementedError`` on other platforms."""
+  platform = _dispatch.platform()
+  if platform == "tpu":
+    return False
+  if platform == "cpu":
+    return pltpu.InterpretParams()
+  raise NotImplementedError(f"pallas_tpu runs on TPU (or in interpret mode on CPU), not on {platform!r}")
+
+
+# ------------------------------------------------------------------------------------------ dynamic block lists
+def block_sparse_static(q, k, v, block_q: int, block_k: int, scale: float) -> _Static:
+  """The static part of a ``block_sparse_attention`` call: the lists' tile for all three kernels.
+
+  ``st.blocks.fwd`` is the tile clamped to ``(T, S)`` (same number of blocks): build the lists and tiles at it.
+
+  Raises:
+    NotImplementedError: a platform other than TPU / CPU, or list block sizes that break the (8, 128) tiling rule
+      in one of the kernels (``block_k``: multiple of 128 unless it covers S; ``block_q``: multiple of 128 unless
+      it covers T, as the dk/dv kernel's lane dim), so the caller falls back to another implementation.
+  """
+  interpret = _interpret()
+  T, S = q.shape[1], k.shape[1]
+  try:
+    blocks = kernels.BlockSizes(block_q, block_k, block_q, block_k, block_q, block_k).resolve(T, S)
+  except ValueError as e:
+    raise NotImplementedError(f"pallas_tpu cannot run lists of {block_q} x {block_k} blocks: {e}") from None
+  return _Static(AttentionConfig(T=T, S=S, scale=float(scale)), blocks, interpret)
+
+
+def block_sparse_attention_lists(q, k, v, lists, lists_t, tiles, st: _Static):
+  """Attention over data-dependent visiting lists (the ``block_sparse_attention`` path), differentiable in q, k, v.
+
+  Args:
+    q, k, v: as in ``softmax_attention``.
+    lists: ``(index, count, tile)`` int32 ``[B, H, nQ, K]``, ``[B, H, nQ]``, ``[B, H, nQ, K]``: per query block the
+      distinct kv blocks to visit (sorted, padded by repeating the last valid one), their count and tile ids.
+    lists_t: the transpose ``(index, count, tile)`` over the kv blocks: ``[B, H, nK, nQ]``, ``[B, H, nK]``, ...
+    tiles: ``[U, bq, bk]`` partial-block patterns the tile ids index (at ``st.blocks.fwd``), or None when every id
+      is 0.
+    st: from :func:`block_sparse_static`.
+
+  Returns:
+    ``out [B, T, H, E]`` and None (no lse).
+  """
+  tiles = None if tiles is None else jnp.asarray(tiles)
+  fwd = _Plan(kernels.VisitLists(*lists), tiles)
+  return _attention_lists(q, k, v, None, None, (fwd, fwd, _Plan(kernels.VisitLists(*lists_t), tiles)), st)
+
+
+# -------------------------------------------------------------------------------------------------- custom_vjp
 def _lists(info: MaskInfo, transpose: bool = False):
   if transpose:
     return kernels.VisitLists(info.q_index[None, None], info.q_count[None, None], info.q_tile[None, None])
   return kernels.VisitLists(info.kv_index[None, None], info.kv_count[None, None], info.kv_tile[None, None])
 
 
-def _forward(q, k, v, q_ids, kv_ids, st: _Static, return_lse: bool):
+class _Plan(NamedTuple):
+  """One kernel's visiting lists and tiles (int arrays or None: non-differentiable ``custom_vjp`` inputs)."""
+
+  lists: kernels.VisitLists
+  tiles: Any  # [U, bq, bk] or None
+
+
+def _static_plans(st: _Static) -> tuple[_Plan, _Plan, _Plan]:
+  """The static mask's forward, dq and (transposed) dk/dv lists, each at its kernel's tile."""
+  cfg = st.cfg
+  plans = []
+  for (bq, bk), transpose in ((st.blocks.fwd, False), (st.blocks.dq, False), (st.blocks.dkv, True)):
+    info = mask_info(cfg.mask, cfg.T, cfg.S, bq, bk)
+    plans.append(_Plan(jax.tree.map(jnp.asarray, _lists(info, transpose)),
+                       jnp.asarray(info.tiles) if info.has_partial else None))
+  return tuple(plans)
+
+
+def _forward(q, k, v, q_ids, kv_ids, plan: _Plan, st: _Static, return_lse: bool):
   cfg = st.cfg
   bq, bk = st.blocks.fwd
-  info = mask_info(cfg.mask, cfg.T, cfg.S, bq, bk)
   return kernels.flash_attention_fwd(
-      q, k, v, _lists(info), info.tiles if info.has_partial else None, q_segment_ids=q_ids,
-      kv_segment_ids=kv_ids, scale=cfg.scale, soft_cap=cfg.logits_soft_cap, block_q=bq, block_k=bk,
-      return_lse=return_lse, interpret=st.interpret)
+      q, k, v, plan.lists, plan.tiles, q_segment_ids=q_ids, kv_segment_ids=kv_ids, scale=cfg.scale,
+      soft_cap=cfg.logits_soft_cap, block_q=bq, block_k=bk, return_lse=return_lse, interpret=st.interpret)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _attention(q, k, v, q_ids, kv_ids, st: _Static):
-  return _forward(q, k, v, q_ids, kv_ids, st, st.cfg.return_lse)
+  """The static-mask path: the kernels over the ``mask_info`` lists."""
+  return _attention_lists(q, k, v, q_ids, kv_ids, _static_plans(st), st)
 
 
-def _attention_fwd(q, k, v, q_ids, kv_ids, st: _Static):
-  out, lse = _forward(q, k, v, q_ids, kv_ids, st, True)
-  return (out, lse if st.cfg.return_lse else None), (q, k, v, q_ids, kv_ids, out, lse)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _attention_lists(q, k, v, q_ids, kv_ids, plans: tuple[_Plan, _Plan, _Plan], st: _Static):
+  """``plans``: the forward, dq and transposed dk/dv lists with their tiles, at ``st.blocks``' tiles."""
+  return _forward(q, k, v, q_ids, kv_ids, plans[0], st, st.cfg.return_lse)
+
+
+def _attention_fwd(q, k, v, q_ids, kv_ids, plans, st: _Static):
+  out, lse = _forward(q, k, v, q_ids, kv_ids, plans[0], st, True)
+  return (out, lse if st.cfg.return_lse else None), (q, k, v, q_ids, kv_ids, plans, out, lse)
 
 
 def _attention_bwd(st: _Static, res, g):
-  q, k, v, q_ids, kv_ids, out, lse = res
+  q, k, v, q_ids, kv_ids, plans, out, lse = res
   dout, dlse = g
   cfg = st.cfg
   # delta_i = sum_e dO_ie O_ie - dlse_i: the row term of the softmax Jacobian (lse enters with -dlse).
@@ -116,19 +190,15 @@ def _attention_bwd(st: _Static, res, g):
     delta = delta - dlse.astype(jnp.float32)
   common = dict(q_segment_ids=q_ids, kv_segment_ids=kv_ids, scale=cfg.scale, soft_cap=cfg.logits_soft_cap,
                 interpret=st.interpret)
+  _, dq_plan, dkv_plan = plans
   bq, bk = st.blocks.dq
-  info = mask_info(cfg.mask, cfg.T, cfg.S, bq, bk)
-  dq = kernels.flash_attention_bwd_dq(q, k, v, dout, lse, delta, _lists(info),
-                                      info.tiles if info.has_partial else None, block_q=bq, block_k=bk, **common)
+  dq = kernels.flash_attention_bwd_dq(q, k, v, dout, lse, delta, *dq_plan, block_q=bq, block_k=bk, **common)
   bq, bk = st.blocks.dkv
-  info = mask_info(cfg.mask, cfg.T, cfg.S, bq, bk)
-  dk, dv = kernels.flash_attention_bwd_dkv(q, k, v, dout, lse, delta, _lists(info, transpose=True),
-                                           info.tiles if info.has_partial else None, block_q=bq, block_k=bk,
-                                           **common)
-  return dq, dk, dv, None, None
+  dk, dv = kernels.flash_attention_bwd_dkv(q, k, v, dout, lse, delta, *dkv_plan, block_q=bq, block_k=bk, **common)
+  return dq, dk, dv, None, None, None
 
 
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention_lists.defvjp(_attention_fwd, _attention_bwd)
 
 
 # =================================================================================================== cost model
