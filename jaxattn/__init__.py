@@ -4,6 +4,8 @@ Public surface::
 
     jaxattn.softmax_attention(q, k, v, mask=..., segment_ids=..., bias=..., implementation=...)
     jaxattn.block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, block_q=..., block_k=...)
+    jaxattn.linear_attention(q, k, v, log_decay=..., causal=..., initial_state=..., return_final_state=...)
+    jaxattn.linear_attention_step(q_t, k_t, v_t, state, log_decay=...)   # one decode step
     jaxattn.masks      # static mask algebra (Full, Causal, Local, Slices, BlockSparse, generators)
     jaxattn.testing    # tolerance table, random inputs, assertions, CAB conformance checks
     jaxattn.nn         # Flax NNX modules (imports flax; import it explicitly)
@@ -11,6 +13,8 @@ Public surface::
 
 from jaxattn import masks as masks
 from jaxattn import testing as testing
+from jaxattn.ops.linear import linear_attention as linear_attention
+from jaxattn.ops.linear import linear_attention_step as linear_attention_step
 from jaxattn.ops.softmax import BlockSizes as BlockSizes
 from jaxattn.ops.softmax import block_sparse_attention as block_sparse_attention
 from jaxattn.ops.softmax import softmax_attention as softmax_attention

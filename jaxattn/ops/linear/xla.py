@@ -1,0 +1,286 @@
+r"""``implementation="xla"``: chunkwise (Lightning-2 style) linear attention in pure JAX.
+
+The sequence is cut into ``N`` chunks of ``C`` tokens (the last one zero-padded: padded keys and values are 0 and
+padded log decays 0, so they change nothing). With local indices ``i, j`` in a chunk, ``g`` the log decays and the
+state ``S_c`` entering chunk ``c``:
+
+.. math::
+   o_i = \mathrm{scale}\Big(\sum_{j \le i} e^{L_{ij}} (q_i \cdot k_j) v_j
+         + e^{a_i} q_i^\top S_c\Big), \qquad
+   S_{c+1} = e^{A_c} S_c + \sum_j e^{b_j} k_j v_j^\top
+
+   L_{ij} = \sum_{j < s \le i} g_s, \quad a_i = \sum_{s \le i} g_s, \quad b_j = \sum_{s > j} g_s, \quad
+   A_c = \sum_s g_s
+
+All exponents are sums of log decays (each ``<= 0``), computed directly as (segment) sums, never as a difference of
+two cumulative sums split across an ``exp`` (``e^{G_i} e^{-G_j}`` overflows once ``-G_j > 88``; efficient.md section 1)
+and the masked upper triangle of ``L`` is set to ``-inf`` before the ``exp``. Per-head constant decays use the closed
+forms ``L_{ij} = (i - j) g``, ``a_i = (i + 1) g``, ``b_j = (n_c - 1 - j) g``, ``A_c = n_c g`` (``n_c`` = valid tokens).
+
+The intra-chunk part and the per-chunk state increments are batched over all chunks; only the cheap state recurrence
+``S_{c+1} = e^{A_c} S_c + U_c`` is a ``lax.scan``. Gradients: a ``custom_vjp`` (see ``_backward``) that keeps only the
+chunk-boundary states and recomputes the intra-chunk matrices, with a reverse ``lax.scan`` for the state gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxattn.ops.linear.config import LOG_DECAY_FLOOR, LinearConfig
+
+DEFAULT_CHUNK = 64
+
+
+def chunk_size_for(T: int, chunk_size: int | None) -> int:
+  """The chunk length used for ``T`` tokens: ``chunk_size`` (default 64), at most ``T``."""
+  return max(1, min(chunk_size or DEFAULT_CHUNK, T))
+
+
+def linear_attention_xla(q, k, v, log_decay, initial_state, cfg: LinearConfig):
+  """Chunkwise linear attention (see the module docstring). Same arguments/results as the reference."""
+  if not cfg.causal:
+    return _noncausal(q, k, v, initial_state, cfg.scale)
+  B, T, H, D = q.shape
+  if initial_state is None:
+    initial_state = jnp.zeros((B, H, D, v.shape[-1]), jnp.promote_types(q.dtype, jnp.float32))
+  C = chunk_size_for(T, cfg.chunk_size)
+  if log_decay is not None:
+    log_decay = jnp.maximum(log_decay, LOG_DECAY_FLOOR)
+  return _chunked(q, k, v, log_decay, initial_state, cfg.scale, C)
+
+
+def _noncausal(q, k, v, initial_state, scale):
+  """``o_t = scale * q_t^T (S_0 + sum_s k_s v_s^T)``: two matmuls, differentiated by autodiff."""
+  B, T, H, D = q.shape
+  G, E = v.shape[2], v.shape[3]
+  R = H // G
+  prec = _precision(q.dtype)
+  kv = jnp.einsum("bsgd,bsge->bgde", k, v, preferred_element_type=jnp.float32, precision=prec)  # [B, G, D, E]
+  state = jnp.broadcast_to(kv[:, :, None], (B, G, R, D, E)).reshape(B, H, D, E)
+  if initial_state is not None:
+    state = state + initial_state
+  out = jnp.einsum("bthd,bhde->bthe", q.astype(jnp.float32), state, precision=prec) * scale
+  return out.astype(q.dtype), state
+
+
+def _precision(dtype):
+  return lax.Precision.HIGHEST if dtype == jnp.float32 else lax.Precision.DEFAULT
+
+
+# ------------------------------------------------------------------------------------------------ layout helpers
+def _to_chunks(x, C):
+  """``[B, T, *rest] -> [B, N, C, *rest]`` zero-padding ``T`` up to ``N * C``."""
+  B, T = x.shape[:2]
+  N = -(-T // C)
+  x = jnp.pad(x, [(0, 0), (0, N * C - T)] + [(0, 0)] * (x.ndim - 2))
+  return x.reshape(B, N, C, *x.shape[2:])
+
+
+def _decays(log_decay, T, G, R, C):
+  """Chunk log decays ``(L [b, N, G, R, C, C] (-inf above the diagonal), a [b, N, G, R, C], b [b, N, G, R, C],
+  A [b, N, G, R])`` with ``b = B`` for per-token gates and ``1`` for per-head constants, or all None."""
+  N = -(-T // C)
+  i = jnp.arange(C)
+  causal = i[:, None] >= i[None, :]  # [C(i), C(j)]
+  if log_decay is None:
+    return jnp.where(causal, 0.0, -jnp.inf), None, None, None
+  if log_decay.ndim == 1:  # per-head constant: closed forms
+    g = log_decay.reshape(1, 1, G, R)  # [1, 1, G, R]
+    n = jnp.clip(T - C * jnp.arange(N), 0, C).astype(jnp.float32)  # valid tokens per chunk [N]
+    diff = (i[:, None] - i[None, :]).astype(jnp.float32)
+    L = jnp.where(causal, g[..., None, None] * diff, -jnp.inf)  # [1, 1, G, R, C, C]
+    a = g[..., None] * (i + 1).astype(jnp.float32)  # [1, 1, G, R, C]
+    # max(., 0): a padded key j >= n must not get a positive exponent (its k is 0, but inf * 0 = NaN).
+    b = g[..., None] * jnp.maximum(n[:, None] - 1 - i[None, :], 0.0)[None, :, None, None, :]  # [1, N, G, R, C]
+    A = g * n[None, :, None, None]  # [1, N, G, R]
+    return L, a, b, A
+  B = log_decay.shape[0]
+  g = _to_chunks(log_decay, C).reshape(B, N, C, G, R).transpose(0, 1, 3, 4, 2)  # [B, N, G, R, C]
+  a = jnp.cumsum(g, axis=-1)
+  # b_j = sum_{s > j} g_s as a reverse cumulative sum of the shifted gates (no subtraction, no cancellation).
+  shifted = jnp.concatenate([g[..., 1:], jnp.zeros_like(g[..., :1])], axis=-1)
+  b = jnp.flip(jnp.cumsum(jnp.flip(shifted, -1), axis=-1), -1)
+  A = a[..., -1]
+  # Segment sums L_ij = sum_{j < s <= i} g_s: cumulative sum over i of g_i masked to i > j.
+  strict = i[:, None] > i[None, :]
+  L = jnp.cumsum(jnp.where(strict, g[..., :, None], 0.0), axis=-2)  # [B, N, G, R, C(i), C(j)]
+  L = jnp.where(causal, L, -jnp.inf)
+  return L, a, b, A
+
+
+# ----------------------------------------------------------------------------------------------------- forward
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _chunked(q, k, v, log_decay, initial_state, scale, C):
+  out, state, _ = _forward(q, k, v, log_decay, initial_state, scale, C)
+  return out, state
+
+
+def _forward(q, k, v, log_decay, initial_state, scale, C):
+  """Returns ``(out [B, T, H, E], final state [B, H, D, E] f32, chunk states [N, B, G, R, D, E] f32)``."""
+  B, T, H, D = q.shape
+  G, E = v.shape[2], v.shape[3]
+  R = H // G
+  N = -(-T // C)
+  prec = _precision(q.dtype)
+  f32 = jnp.promote_types(q.dtype, jnp.float32)  # f32 (f64 only in x64 debugging)
+  qc = _to_chunks(q, C).reshape(B, N, C, G, R, D)
+  kc = _to_chunks(k, C)  # [B, N, C, G, D]
+  vc = _to_chunks(v, C)  # [B, N, C, G, E]
+  L, a, b, A = _decays(log_decay, T, G, R, C)
+
+  # intra-chunk: ((Q K^T) * exp(L)) V
+  s = jnp.einsum("bncgrd,bnsgd->bngrcs", qc, kc, preferred_element_type=f32, precision=prec)  # [B,N,G,R,C,C]
+  p = s * jnp.exp(L)
+  o = jnp.einsum("bngrcs,bnsge->bncgre", p.astype(v.dtype), vc, preferred_element_type=f32, precision=prec)
+
+  # per-chunk state increments U_c = sum_j exp(b_j) k_j v_j^T
+  if b is None:
+    U = jnp.einsum("bnsgd,bnsge->nbgde", kc, vc, preferred_element_type=f32, precision=prec)[:, :, :, None]
+  else:
+    kb = kc.astype(f32)[:, :, :, :, None, :] * jnp.exp(b).transpose(0, 1, 4, 2, 3)[..., None]  # [B,N,C,G,R,D]
+    U = jnp.einsum("bnsgrd,bnsge->nbgrde", kb, vc.astype(f32), precision=prec)  # [N, B, G, R, D, E]
+  S0 = initial_state.reshape(B, G, R, D, E)
+  decay = None if A is None else jnp.exp(A).transpose(1, 0, 2, 3)[..., None, None]  # [N, B|1, G, R, 1, 1]
+  S_final, S_in = _state_scan(S0, U, decay)  # S_in: state entering each chunk [N, B, G, R, D, E]
+
+  # inter-chunk: exp(a_i) q_i^T S_c
+  qa = qc.astype(f32)
+  if a is not None:
+    qa = qa * jnp.exp(a).transpose(0, 1, 4, 2, 3)[..., None]  # [B, N, C, G, R, D]
+  o = o + jnp.einsum("bncgrd,nbgrde->bncgre", qa, S_in, precision=prec)
+  out = (o * scale).reshape(B, N * C, H, E)[:, :T].astype(q.dtype)
+  return out, S_final.reshape(B, H, D, E), S_in
+
+
+def _state_scan(S0, U, decay):
+  """``S_{c+1} = decay_c * S_c + U_c``; returns ``(S_N, [S_0 .. S_{N-1}])``."""
+
+  def step(S, xs):
+    U_c, d_c = xs
+    S_next = S + U_c if d_c is None else d_c * S + U_c
+    return S_next, S
+
+  return lax.scan(step, S0, (U, decay))
+
+
+# ---------------------------------------------------------------------------------------------------- backward
+def _fwd(q, k, v, log_decay, initial_state, scale, C):
+  out, state, S_in = _forward(q, k, v, log_decay, initial_state, scale, C)
+  return (out, state), (q, k, v, log_decay, initial_state, S_in)
+
+
+def _bwd(scale, C, res, g):
+  q, k, v, log_decay, initial_state, S_in = res
+  dout, dstate = g
+  return _backward(q, k, v, log_decay, initial_state, S_in, dout, dstate, scale, C)
+
+
+_chunked.defvjp(_fwd, _bwd)
+
+
+def _backward(q, k, v, log_decay, initial_state, S_in, dout, dS_final, scale, C):
+  r"""Gradients of the chunkwise form from the saved chunk-entry states ``S_in``.
+
+  With ``dO`` the output cotangent (times ``scale``), ``P = (Q K^T) * e^L`` and ``dP = (dO V^T) * e^L``:
+
+  - intra: ``dQ += dP K``, ``dK += dP^T Q``, ``dV += P^T dO``, ``dL = (dO V^T) * P``-terms (below);
+  - inter: ``dQ_i += e^{a_i} dO_i S_c^T``; the state cotangent entering chunk ``c`` from its outputs is
+    ``dS_c^{out} = sum_i e^{a_i} q_i dO_i^T``;
+  - the reverse sweep ``dS_c = dS_c^{out} + e^{A_c} dS_{c+1}`` (``dS_N`` = final-state cotangent) gives
+    ``dK_j += e^{b_j} v_j dS_{c+1}^T``-terms, ``dV_j += e^{b_j} dS_{c+1}^T k_j`` and ``dS_0`` for the initial state;
+  - log-decay gradients from the exponents' cotangents: ``dL_{ij} = P_{ij} (dO_i \cdot v_j)``,
+    ``da_i = (e^{a_i} q_i) \cdot (dO_i S_c)``, ``db_j = e^{b_j} k_j^T dS_{c+1} v_j``,
+    ``dA_c = \langle e^{A_c} S_c, dS_{c+1} \rangle``, mapped back to ``g`` through the (segment) sums.
+  """
+  B, T, H, D = q.shape
+  G, E = v.shape[2], v.shape[3]
+  R = H // G
+  N = -(-T // C)
+  prec = _precision(q.dtype)
+  f32 = jnp.promote_types(q.dtype, jnp.float32)  # f32 (f64 only in x64 debugging)
+  qc = _to_chunks(q, C).reshape(B, N, C, G, R, D).astype(f32)
+  kc = _to_chunks(k, C).astype(f32)  # [B, N, C, G, D]
+  vc = _to_chunks(v, C).astype(f32)  # [B, N, C, G, E]
+  do = (_to_chunks(dout, C).astype(f32) * scale).reshape(B, N, C, G, R, E)  # scaled output cotangent
+  L, a, b, A = _decays(log_decay, T, G, R, C)
+  eL = jnp.exp(L)
+
+  # ---- intra-chunk
+  s = jnp.einsum("bncgrd,bnsgd->bngrcs", qc, kc, precision=prec)  # [B, N, G, R, C, C]
+  p = s * eL
+  dpv = jnp.einsum("bncgre,bnsge->bngrcs", do, vc, precision=prec)  # dO_i . v_j
+  ds = dpv * eL  # d s_ij
+  dq = jnp.einsum("bngrcs,bnsgd->bncgrd", ds, kc, precision=prec)
+  dk = jnp.einsum("bngrcs,bncgrd->bnsgd", ds, qc, precision=prec)
+  dv = jnp.einsum("bngrcs,bncgre->bnsge", p, do, precision=prec)
+  dL = p * dpv  # cotangent of the exponent L (0 above the diagonal since p is 0 there)
+
+  # ---- inter-chunk: o_i += e^{a_i} q_i^T S_c
+  ea = None if a is None else jnp.exp(a).transpose(0, 1, 4, 2, 3)[..., None]  # [B|1, N, C, G, R, 1]
+  dqa = jnp.einsum("bncgre,nbgrde->bncgrd", do, S_in, precision=prec)  # d(e^a q)
+  qa = qc if ea is None else qc * ea
+  dq = dq + (dqa if ea is None else dqa * ea)
+  dS_out = jnp.einsum("bncgrd,bncgre->nbgrde", qa, do, precision=prec)  # [N, B, G, R, D, E]
+
+  # ---- reverse sweep over chunks: dS_c (cotangent of the state entering chunk c)
+  decay = None if A is None else jnp.exp(A).transpose(1, 0, 2, 3)[..., None, None]  # [N, B|1, G, R, 1, 1]
+  dS_N = (jnp.zeros((B, H, D, E), f32) if dS_final is None else dS_final.astype(f32)).reshape(B, G, R, D, E)
+
+  def step(dS_next, xs):
+    dS_out_c, d_c = xs
+    dS_c = dS_out_c + (dS_next if d_c is None else d_c * dS_next)
+    return dS_c, dS_next  # emit the cotangent of S_{c+1} for chunk c's increments
+
+  dS_0, dS_next = lax.scan(step, dS_N, (dS_out, decay), reverse=True)  # dS_next[c] = dS_{c+1}
+
+  # U_c = sum_j e^{b_j} k_j v_j^T  ->  dk_j = e^{b_j} dS_{c+1} v_j, dv_j = e^{b_j} dS_{c+1}^T k_j
+  if b is None:
+    dSg = dS_next.sum(axis=3)  # [N, B, G, D, E]: without decay every query head of a group shares U
+    dk = dk + jnp.einsum("nbgde,bnsge->bnsgd", dSg, vc, precision=prec)
+    dv = dv + jnp.einsum("nbgde,bnsgd->bnsge", dSg, kc, precision=prec)
+  else:
+    eb = jnp.exp(b).transpose(0, 1, 4, 2, 3)  # [B|1, N, C, G, R]
+    dkb = jnp.einsum("nbgrde,bnsge->bnsgrd", dS_next, vc, precision=prec)  # d(e^b k) [B, N, C, G, R, D]
+    dk = dk + jnp.einsum("bnsgrd,bnsgr->bnsgd", dkb, jnp.broadcast_to(eb, dkb.shape[:-1]), precision=prec)
+    kb = kc[:, :, :, :, None, :] * eb[..., None]  # [B, N, C, G, R, D]
+    dv = dv + jnp.einsum("nbgrde,bnsgrd->bnsge", dS_next, kb, precision=prec)
+
+  # do already carries the scale, so dq, dk, dv need no further factor.
+  dq = dq.reshape(B, N * C, H, D)[:, :T].astype(q.dtype)
+  dk = dk.reshape(B, N * C, G, D)[:, :T].astype(k.dtype)
+  dv = dv.reshape(B, N * C, G, E)[:, :T].astype(v.dtype)
+  d_init = dS_0.reshape(B, H, D, E).astype(initial_state.dtype)
+  if log_decay is None:
+    return dq, dk, dv, None, d_init
+
+  # ---- log-decay gradients: cotangents of the exponents L, a, b, A, then back through the (segment) sums
+  da = jnp.einsum("bncgrd,bncgrd->bngrc", dqa, qa, precision=prec)  # [B, N, G, R, C]
+  db = jnp.einsum("bnsgrd,bnsgrd->bngrs", dkb, kb, precision=prec)  # [B, N, G, R, C]
+  dA = jnp.einsum("nbgrde,nbgrde->nbgr", dS_next * decay, S_in, precision=prec).transpose(1, 0, 2, 3)  # [B,N,G,R]
+  i = jnp.arange(C)
+  if log_decay.ndim == 1:
+    n = jnp.clip(T - C * jnp.arange(N), 0, C).astype(f32)  # valid tokens per chunk [N]
+    diff = jnp.maximum(i[:, None] - i[None, :], 0).astype(f32)  # [C, C]
+    coef_b = jnp.maximum(n[:, None] - 1 - i[None, :], 0.0)  # [N, C]
+    dg = (jnp.einsum("bngrij,ij->gr", dL, diff, precision=prec)
+          + jnp.einsum("bngrc,c->gr", da, (i + 1).astype(f32), precision=prec)
+          + jnp.einsum("bngrc,nc->gr", db, coef_b, precision=prec)
+          + jnp.einsum("bngr,n->gr", dA, n, precision=prec))
+    return dq, dk, dv, dg.reshape(H).astype(log_decay.dtype), d_init
+  # per-token gates g_s:  L_ij = sum_{j<s<=i} g_s  ->  dg_s += sum_{i>=s} sum_{j<s} dL_ij
+  excl = _exclusive_cumsum(dL)  # [..., i, s] = sum_{j<s} dL_ij
+  dg = jnp.sum(jnp.where(i[:, None] >= i[None, :], excl, 0.0), axis=-2)  # [B, N, G, R, C(s)]
+  dg = dg + jnp.flip(jnp.cumsum(jnp.flip(da, -1), axis=-1), -1)  # a_i = sum_{s<=i} g_s
+  dg = dg + _exclusive_cumsum(db)  # b_j = sum_{s>j} g_s  ->  dg_s += sum_{j<s} db_j
+  dg = dg + dA[..., None]  # A = sum_s g_s
+  dg = dg.transpose(0, 1, 4, 2, 3).reshape(B, N * C, H)[:, :T]
+  return dq, dk, dv, dg.astype(log_decay.dtype), d_init
+
+
+def _exclusive_cumsum(x):
+  """``y_s = sum_{j < s} x_j`` along the last axis (a shifted cumulative sum, no subtraction)."""
+  return jnp.cumsum(jnp.concatenate([jnp.zeros_like(x[..., :1]), x[..., :-1]], axis=-1), axis=-1)
