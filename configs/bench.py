@@ -142,3 +142,74 @@ SMOKE = BenchPreset(
     repeats=2, description="tiny shapes for tests (seconds on CPU)")
 
 PRESETS: dict[str, BenchPreset] = {p.name: p for p in (CPU, GPU, SMOKE)}
+
+
+# ------------------------------------------------------------------------------------------ linear attention
+DecayKind = Literal["none", "head", "token"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearBenchShape:
+  """One causal linear-attention problem (``q [B, T, H, D]``, ``k [B, T, G, D]``, ``v [B, T, G, E]``) and the decay
+  kinds it is timed with: ``"none"``, ``"head"`` (a per-head constant ``[H]``, the TransNormerLLM slopes
+  ``g_h = -2^(-8 (h + 1) / H)``) or ``"token"`` (a per-token gate ``[B, T, H]``, ``logsigmoid(x) / 16`` with
+  ``x ~ N(0, 1)``, flash-linear-attention's test distribution)."""
+
+  name: str
+  B: int
+  T: int
+  H: int
+  G: int
+  D: int
+  E: int
+  dtype: str
+  decays: tuple[DecayKind, ...] = ("head", "token")
+
+  def __post_init__(self):
+    for f in ("B", "T", "H", "G", "D", "E"):
+      v = getattr(self, f)
+      if not isinstance(v, int) or v < 1:
+        raise ValueError(f"LinearBenchShape.{f} must be a positive int, got {v!r}")
+    if self.H % self.G:
+      raise ValueError(f"LinearBenchShape {self.name}: H={self.H} is not a multiple of G={self.G}")
+    if self.dtype not in ("float32", "bfloat16", "float16"):
+      raise ValueError(f"LinearBenchShape {self.name}: dtype must be float32, bfloat16 or float16, got "
+                       f"{self.dtype!r}")
+    bad = [d for d in self.decays if d not in ("none", "head", "token")]
+    if bad or not self.decays:
+      raise ValueError(f"LinearBenchShape {self.name}: decays must be a non-empty subset of none, head, token, got "
+                       f"{self.decays!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearBenchPreset:
+  """A named set of linear-attention shapes plus run defaults (fields as :class:`BenchPreset`)."""
+
+  name: str
+  shapes: tuple[LinearBenchShape, ...]
+  repeats: int = 10
+  warmup: int = 1
+  description: str = ""
+
+
+def _linear_shape(B: int, T: int, H: int, D: int, dtype: str, decays: tuple[DecayKind, ...] = ("head", "token"),
+                  G: int | None = None, E: int | None = None) -> LinearBenchShape:
+  G = H if G is None else G
+  E = D if E is None else E
+  return LinearBenchShape(f"b{B}_t{T}" + (f"_g{G}" if G != H else ""), B, T, H, G, D, E, dtype, decays)
+
+
+LINEAR_GPU = LinearBenchPreset(
+    "linear_gpu", tuple(_linear_shape(B, T, 16, 128, "bfloat16")
+                        for B, T in ((8, 2048), (2, 8192), (1, 32768), (1, 131072))),
+    repeats=20, warmup=2,
+    description="linear attention, bf16, H=16, D=E=128, B x T in {8x2048, 2x8192, 1x32768, 1x131072}, per-head "
+                "decay and per-token gate (issue 4)")
+LINEAR_CPU = LinearBenchPreset(
+    "linear_cpu", tuple(_linear_shape(1, T, 4, 64, "float32") for T in (1024, 4096)), repeats=3, warmup=0,
+    description="linear attention, f32, B=1, H=4, D=64, T in {1024, 4096}, per-head and per-token decay")
+LINEAR_SMOKE = LinearBenchPreset(
+    "linear_smoke", (_linear_shape(1, 64, 4, 16, "float32", ("none", "token"), G=2),), repeats=2,
+    description="linear attention, tiny shapes for tests (seconds on CPU)")
+
+LINEAR_PRESETS: dict[str, LinearBenchPreset] = {p.name: p for p in (LINEAR_GPU, LINEAR_CPU, LINEAR_SMOKE)}

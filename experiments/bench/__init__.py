@@ -2,5 +2,5 @@
 
 Files by role: ``registry`` (presets and cases), ``timing`` (jit, warm-up, median of repeats), ``flops`` (FLOP
 counts from the exact mask area), ``run`` (implementations and anchors side by side, CLI), ``report`` (JSONL,
-markdown table, PNG plot).
+markdown table, PNG plot), ``linear`` (the linear-attention family: presets ``linear_*``).
 """

@@ -79,7 +79,8 @@ def _fmt(x, spec: str, missing: str = "–") -> str:
   return missing if x is None else format(x, spec)
 
 
-def markdown_table(rows: Sequence[dict], anchor: str = ANCHOR, title: str | None = None) -> str:
+def markdown_table(rows: Sequence[dict], anchor: str = ANCHOR, title: str | None = None,
+                   flops_note: str = "fwd+bwd FLOPs = 3.5 x fwd.") -> str:
   """A markdown report: the timed rows as a table, then what was skipped or failed.
 
   Columns: case (shape and mask name; the full mask repr is in the JSONL), mode, impl, median ms, 0.2-0.8
@@ -93,7 +94,7 @@ def markdown_table(rows: Sequence[dict], anchor: str = ANCHOR, title: str | None
     lines.append("")
     lines.append(f"device `{r0['device_kind']}` ({r0['platform']}), jax {r0['jax_version']}, git "
                  f"`{r0['git_sha'][:12]}`, preset `{r0.get('preset')}`. Ratio = `{anchor}` ms / ms (same run; "
-                 f"> 1 is faster than the anchor). fwd+bwd FLOPs = 3.5 x fwd.")
+                 f"> 1 is faster than the anchor). {flops_note}")
     lines.append("")
   lines.append("| case | mode | impl | ms | q20–q80 ms | TFLOP/s | ratio to anchor | relerr |")
   lines.append("|---|---|---|---:|---:|---:|---:|---:|")

@@ -40,6 +40,7 @@ from jaxattn import _dispatch
 from jaxattn.masks import Causal, Full, Local
 from jaxattn.ops.softmax import api as softmax_api
 
+from configs.bench import LINEAR_PRESETS
 from experiments.bench import flops as flops_lib
 from experiments.bench import registry, report, timing
 
@@ -255,10 +256,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   """CLI entry point (``python -m experiments bench --help``)."""
   p = argparse.ArgumentParser(prog="python -m experiments bench", description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog="presets:\n" + "\n".join(f"  {n}: {pr.description}"
-                                                              for n, pr in registry.PRESETS.items()))
-  p.add_argument("--preset", default=None, choices=sorted(registry.PRESETS),
-                 help="shape preset (default: cpu on a CPU backend, gpu otherwise)")
+                              epilog="presets:\n" + "\n".join(
+                                  f"  {n}: {pr.description}"
+                                  for n, pr in {**registry.PRESETS, **LINEAR_PRESETS}.items()))
+  p.add_argument("--preset", default=None, choices=sorted(registry.PRESETS) + sorted(LINEAR_PRESETS),
+                 help="shape preset (default: cpu on a CPU backend, gpu otherwise); linear_* presets time "
+                      "linear attention (experiments/bench/linear.py)")
   p.add_argument("--modes", default="fwd,fwd+bwd", help="comma-separated subset of fwd,fwd+bwd")
   p.add_argument("--impls", default=None,
                  help="comma-separated implementations (ours by registry id, anchors jax.nn/xla, jax.nn/cudnn, "
@@ -271,7 +274,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   args = p.parse_args(argv)
 
-  preset = registry.get_preset(args.preset or registry.default_preset_name())
   modes = _csv(args.modes)
   bad = [m for m in modes if m not in timing.MODES]
   if bad or not modes:
@@ -280,6 +282,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.error(f"--repeats must be >= 1, got {args.repeats}")
   if args.warmup is not None and args.warmup < 0:
     p.error(f"--warmup must be >= 0, got {args.warmup}")
+  if args.preset in LINEAR_PRESETS:
+    from experiments.bench import linear
+    return linear.main(args, p)
+  preset = registry.get_preset(args.preset or registry.default_preset_name())
   try:
     impls = available_impls(args.include_reference, _csv(args.impls) if args.impls else None)
   except ValueError as e:

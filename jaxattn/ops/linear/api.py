@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattn import _dispatch
-from jaxattn.ops.linear import reference, xla
+from jaxattn.ops.linear import pallas_gpu, pallas_tpu, reference, xla
 from jaxattn.ops.linear.config import LinearConfig
 
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -17,6 +17,8 @@ _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
 REGISTRY = {
     "reference": reference.linear_attention_reference,
     "xla": xla.linear_attention_xla,
+    "pallas_gpu": pallas_gpu.linear_attention_pallas_gpu,
+    "pallas_tpu": pallas_tpu.linear_attention_pallas_tpu,
 }
 DEFAULTS = {"cpu": ("xla",), "gpu": ("pallas_gpu", "xla"), "tpu": ("pallas_tpu", "xla")}
 
@@ -63,8 +65,9 @@ def linear_attention(q, k, v, *, log_decay=None, causal: bool = True, scale: flo
       the next segment).
     implementation: ``"reference"`` (the recurrence, one ``lax.scan`` step per token) or ``"xla"`` (chunkwise,
       batched over chunks, numerically safe decay matrices, ``custom_vjp`` keeping chunk-boundary states only; the
-      CPU default); ``"pallas_tpu"`` / ``"pallas_gpu"`` when installed. A sequence is tried in order; None picks
-      per platform. Every implementation supports every option here.
+      CPU default); ``"pallas_tpu"`` / ``"pallas_gpu"`` (chunked Pallas kernels, forward and backward; interpret
+      mode on CPU; they refuse ``causal=False``, which falls back to ``"xla"``, and TPU refuses float16). A
+      sequence is tried in order; None picks per platform. Otherwise every implementation supports every option.
     chunk_size: chunk length for the chunkwise implementations (default 64, at most ``T``). Any ``T`` works.
 
   Returns:
