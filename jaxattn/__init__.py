@@ -8,10 +8,12 @@ Public surface::
     jaxattn.linear_attention_step(q_t, k_t, v_t, state, log_decay=...)   # one decode step
     jaxattn.masks      # static mask algebra (Full, Causal, Local, Slices, BlockSparse, generators)
     jaxattn.testing    # tolerance table, random inputs, assertions, CAB conformance checks
+    jaxattn.parallel   # context parallelism: ring (zigzag), all-gather, Ulysses, USP, linear state passing
     jaxattn.nn         # Flax NNX modules (imports flax; import it explicitly)
 """
 
 from jaxattn import masks as masks
+from jaxattn import parallel as parallel
 from jaxattn import testing as testing
 from jaxattn.ops.linear import linear_attention as linear_attention
 from jaxattn.ops.linear import linear_attention_step as linear_attention_step

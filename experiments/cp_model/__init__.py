@@ -1,0 +1,1 @@
+"""``python -m experiments cp_model``: a cost model of context-parallel attention (modelled, not measured)."""
