@@ -7,6 +7,8 @@ Adding one is one line in :data:`SUBCOMMANDS`; the function takes the remaining 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     # name: ("module:function", one-line description)
     "bench": ("experiments.bench.run:main", "time attention implementations side by side with the anchors"),
+    "passkey": ("experiments.passkey.run:main", "landmark attention: passkey retrieval beyond the training length "
+                                                "with top-k block retrieval vs a window baseline"),
     "cp_model": ("experiments.cp_model.run:main", "context-parallel cost model: per-device FLOPs, bytes, imbalance "
                                                   "and modelled step time of ring/all-gather/Ulysses/USP"),
 }

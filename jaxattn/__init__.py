@@ -6,6 +6,7 @@ Public surface::
     jaxattn.block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, block_q=..., block_k=...)
     jaxattn.linear_attention(q, k, v, log_decay=..., causal=..., initial_state=..., return_final_state=...)
     jaxattn.linear_attention_step(q_t, k_t, v_t, state, log_decay=...)   # one decode step
+    jaxattn.landmark_attention(q, k, v, block_size=...)   # grouped softmax over landmark blocks
     jaxattn.masks      # static mask algebra (Full, Causal, Local, Slices, BlockSparse, generators)
     jaxattn.testing    # tolerance table, random inputs, assertions, CAB conformance checks
     jaxattn.parallel   # context parallelism: ring (zigzag), all-gather, Ulysses, USP, linear state passing
@@ -15,6 +16,7 @@ Public surface::
 from jaxattn import masks as masks
 from jaxattn import parallel as parallel
 from jaxattn import testing as testing
+from jaxattn.ops.landmark import landmark_attention as landmark_attention
 from jaxattn.ops.linear import linear_attention as linear_attention
 from jaxattn.ops.linear import linear_attention_step as linear_attention_step
 from jaxattn.ops.softmax import BlockSizes as BlockSizes

@@ -5,6 +5,7 @@
 - :func:`as_attention_fn`: an ``attention_fn`` for ``flax.nnx.MultiHeadAttention`` /
   ``flax.linen.MultiHeadDotProductAttention``.
 - :class:`LinenMultiHeadAttention`: the Linen bridge of :class:`MultiHeadAttention`.
+- :class:`LandmarkAttention`: landmark attention (grouped softmax) with top-k block retrieval when decoding.
 - :class:`LinearAttention`: kernelised linear attention (elu+1, ReLU, cosFormer, Performer) with CAB patterns.
 - TransNormerLLM: :class:`SRMSNorm`, :class:`SGLU`, :class:`LRPE`, :class:`GatedLinearAttention`,
   :class:`TransNormerBlock`, :class:`TransNormerLM`, :func:`tnl_decay_slopes`.
@@ -13,6 +14,7 @@
 from jaxattn.nn.adapters import AttentionFn as AttentionFn
 from jaxattn.nn.adapters import as_attention_fn as as_attention_fn
 from jaxattn.nn.attention import MultiHeadAttention as MultiHeadAttention
+from jaxattn.nn.landmark import LandmarkAttention as LandmarkAttention
 from jaxattn.nn.linear import LinearAttention as LinearAttention
 from jaxattn.nn.linen import LinenMultiHeadAttention as LinenMultiHeadAttention
 from jaxattn.nn.rope import apply_rope as apply_rope

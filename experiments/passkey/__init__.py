@@ -1,0 +1,1 @@
+"""Passkey retrieval with landmark attention: ``python -m experiments passkey`` (see :mod:`experiments.passkey.run`)."""
