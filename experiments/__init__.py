@@ -9,6 +9,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("experiments.bench.run:main", "time attention implementations side by side with the anchors"),
     "passkey": ("experiments.passkey.run:main", "landmark attention: passkey retrieval beyond the training length "
                                                 "with top-k block retrieval vs a window baseline"),
+    "mqar": ("experiments.mqar.run:main", "Zoology MQAR: recall accuracy of attention vs gated convolutions vs "
+                                          "linear attention vs sparse-attention hybrid"),
     "cp_model": ("experiments.cp_model.run:main", "context-parallel cost model: per-device FLOPs, bytes, imbalance "
                                                   "and modelled step time of ring/all-gather/Ulysses/USP"),
 }

@@ -1,0 +1,13 @@
+"""Shared experiment machinery (pure functions around Flax NNX models).
+
+- :mod:`~experiments.common.config`: frozen-dataclass configs <-> JSON and ``--dotted.field value`` overrides.
+- :mod:`~experiments.common.data`: Grain sources whose records are pure functions of (parameters, seed, index);
+  train / eval pipelines.
+- :mod:`~experiments.common.train`: AdamW + cosine (optax), jitted steps, the resumable training loop.
+- :mod:`~experiments.common.checkpoint`: Orbax checkpoints of state + Grain iterator + history.
+- :mod:`~experiments.common.metrics`: JSONL (and tensorboardX) metric writer.
+- :mod:`~experiments.common.plots`: matplotlib PNG plots.
+- :mod:`~experiments.common.distributed`: ``jax.distributed`` start-up for multi-host runs.
+
+Submodules are imported on use (``from experiments.common import train``) so that importing the package is cheap.
+"""

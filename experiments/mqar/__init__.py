@@ -1,0 +1,1 @@
+"""``python -m experiments mqar``: Zoology's multi-query associative recall at small scale (see :mod:`.run`)."""
