@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from jaxattn._validation import validate_qkv
 from jaxattn.masks import Full, Mask
 from jaxattn.ops.softmax import api as softmax_api
 from jaxattn.parallel import _compat
@@ -113,7 +114,7 @@ def context_parallel_attention(q, k, v, *, mesh=None, seq_axis=None, strategy: s
   if mesh is None and (batch_axis is not None or head_axis is not None):
     raise ValueError("batch_axis / head_axis only apply with mesh=; inside shard_map the shards are already local")
   q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
-  softmax_api._validate_qkv(q, k, v)
+  validate_qkv(q, k, v)
   B, T, H, D = q.shape
   G = k.shape[2]
   if k.shape[1] != T:

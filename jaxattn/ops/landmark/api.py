@@ -10,11 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattn import _dispatch
+from jaxattn._validation import validate_qkv
 from jaxattn.ops.landmark import pallas_gpu, pallas_tpu, xla
 from jaxattn.ops.landmark.config import LandmarkConfig
 from jaxattn.ops.landmark.reference import landmark_attention_reference
-
-_FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 REGISTRY = {
     "reference": landmark_attention_reference,
@@ -101,24 +100,4 @@ def _run(q, k, v, *, implementation, cfg: LandmarkConfig):
 
 
 def _validate_qkv(q, k, v) -> None:
-  for name, x in (("q", q), ("k", k), ("v", v)):
-    if x.ndim != 4:
-      raise ValueError(f"{name} must have rank 4 ([B, T, heads, dim]), got shape {x.shape}")
-    if x.dtype not in _FLOATS:
-      raise ValueError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
-  if not q.dtype == k.dtype == v.dtype:
-    raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-  (B, T, H, D), (Bk, S, G, Dk), (Bv, Sv, Gv, E) = q.shape, k.shape, v.shape
-  if not B == Bk == Bv:
-    raise ValueError(f"batch sizes differ: q {B}, k {Bk}, v {Bv}")
-  if S != T or Sv != T:
-    raise ValueError(f"landmark attention is causal self-attention: q, k, v must share the length, got q {T}, "
-                     f"k {S}, v {Sv}")
-  if G != Gv:
-    raise ValueError(f"k has {G} kv heads but v has {Gv}")
-  if D != Dk:
-    raise ValueError(f"q has head dim {D} but k has {Dk}")
-  if min(B, T, H, D, G, E) == 0:
-    raise ValueError(f"empty dimension in q {q.shape}, k {k.shape} or v {v.shape}")
-  if H % G:
-    raise ValueError(f"q has {H} heads, not a multiple of k's {G} kv heads")
+  validate_qkv(q, k, v, same_length="landmark attention is causal self-attention: q, k, v must share the length")

@@ -9,10 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattn import _dispatch
+from jaxattn._validation import validate_qkv
 from jaxattn.ops.linear import pallas_gpu, pallas_tpu, reference, xla
 from jaxattn.ops.linear.config import LinearConfig
-
-_FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 REGISTRY = {
     "reference": reference.linear_attention_reference,
@@ -138,29 +137,8 @@ def linear_attention_step(q_t, k_t, v_t, state, *, log_decay=None, scale: float 
 
 # -------------------------------------------------------------------------------------------------- validation
 def _validate_qkv(q, k, v, causal) -> None:
-  for name, x in (("q", q), ("k", k), ("v", v)):
-    if x.ndim != 4:
-      raise ValueError(f"{name} must have rank 4 ([B, T, heads, dim]), got shape {x.shape}")
-    if x.dtype not in _FLOATS:
-      raise ValueError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
-  if not q.dtype == k.dtype == v.dtype:
-    raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-  (B, T, H, D), (Bk, S, G, Dk), (Bv, Sv, Gv, E) = q.shape, k.shape, v.shape
-  if not B == Bk == Bv:
-    raise ValueError(f"batch sizes differ: q {B}, k {Bk}, v {Bv}")
-  if S != Sv:
-    raise ValueError(f"k has length {S} but v has length {Sv}")
-  if G != Gv:
-    raise ValueError(f"k has {G} kv heads but v has {Gv}")
-  if D != Dk:
-    raise ValueError(f"q has head dim {D} but k has {Dk}")
-  if min(B, T, H, D, S, G, E) == 0:
-    raise ValueError(f"empty dimension in q {q.shape}, k {k.shape} or v {v.shape}")
-  if H % G:
-    raise ValueError(f"q has {H} heads, not a multiple of k's {G} kv heads")
-  if causal and S != T:
-    raise ValueError(f"causal linear attention needs equal lengths, got q length {T} and k/v length {S} "
-                     f"(use causal=False for cross-attention)")
+  validate_qkv(q, k, v, same_length="causal linear attention needs equal lengths (use causal=False for "
+                                    "cross-attention)" if causal else None)
 
 
 def _validate_log_decay(log_decay, B, T, H, causal, *, per_token_shape):

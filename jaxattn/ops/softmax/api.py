@@ -10,12 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattn import _dispatch
+from jaxattn._validation import validate_qkv
 from jaxattn.masks import Full, Mask
 from jaxattn.ops.softmax import cudnn, pallas_gpu, pallas_tpu, xla
 from jaxattn.ops.softmax.config import AttentionConfig, BlockSizes
 from jaxattn.ops.softmax.reference import softmax_attention_reference
-
-_FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 REGISTRY = {
     "reference": softmax_attention_reference,
@@ -69,7 +68,7 @@ def softmax_attention(q, k, v, *, mask: Mask | None = None, segment_ids=None, bi
     ValueError: on bad shapes, dtypes or options, naming the offending values.
   """
   q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
-  _validate_qkv(q, k, v)
+  validate_qkv(q, k, v)
   B, T, H, D = q.shape
   S = k.shape[1]
   q_ids, kv_ids = _validate_segment_ids(segment_ids, B, T, S)
@@ -101,29 +100,6 @@ def _run(q, k, v, bias, q_ids, kv_ids, *, implementation, cfg: AttentionConfig):
   # jit here so eager calls compile once per (shapes, config), not on every call; inlined under an outer jit.
   return _dispatch.dispatch("softmax_attention", REGISTRY, implementation, DEFAULTS, q, k, v, bias, q_ids, kv_ids,
                             cfg)
-
-
-def _validate_qkv(q, k, v) -> None:
-  for name, x in (("q", q), ("k", k), ("v", v)):
-    if x.ndim != 4:
-      raise ValueError(f"{name} must have rank 4 ([B, T|S, heads, dim]), got shape {x.shape}")
-    if x.dtype not in _FLOATS:
-      raise ValueError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
-  if not q.dtype == k.dtype == v.dtype:
-    raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-  (B, T, H, D), (Bk, S, G, Dk), (Bv, Sv, Gv, E) = q.shape, k.shape, v.shape
-  if not B == Bk == Bv:
-    raise ValueError(f"batch sizes differ: q {B}, k {Bk}, v {Bv}")
-  if S != Sv:
-    raise ValueError(f"k has length {S} but v has length {Sv}")
-  if G != Gv:
-    raise ValueError(f"k has {G} kv heads but v has {Gv}")
-  if D != Dk:
-    raise ValueError(f"q has head dim {D} but k has {Dk}")
-  if min(B, T, H, D, S, G, E) == 0:
-    raise ValueError(f"empty dimension in q {q.shape}, k {k.shape} or v {v.shape}")
-  if H % G:
-    raise ValueError(f"q has {H} heads, not a multiple of k's {G} kv heads")
 
 
 def _validate_segment_ids(segment_ids, B, T, S):

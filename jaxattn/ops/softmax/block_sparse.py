@@ -18,9 +18,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxattn import _dispatch
+from jaxattn._validation import validate_qkv
 from jaxattn.masks import Full, Mask
 from jaxattn.ops.softmax import pallas_gpu, pallas_tpu
-from jaxattn.ops.softmax.api import _validate_qkv
 from jaxattn.ops.softmax.mask_info import MaskInfo, mask_info
 from jaxattn.ops.softmax.reference import dense_attention
 
@@ -51,7 +51,7 @@ def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_
     ``out [B, T, H, E]``; differentiable with respect to q, k and v.
   """
   q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
-  _validate_qkv(q, k, v)
+  validate_qkv(q, k, v)
   B, T, H, D = q.shape
   S = k.shape[1]
   for name, val in (("block_q", block_q), ("block_k", block_k)):
