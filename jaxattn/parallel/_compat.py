@@ -11,10 +11,11 @@
 from __future__ import annotations
 
 import inspect
-from typing import Sequence
 
 import jax
 from jax import lax
+
+from jaxattn._vma import pvary  # noqa: F401 - re-exported for the parallel modules
 
 
 def shard_map(f, *, mesh, in_specs, out_specs, check: bool = False):
@@ -35,35 +36,6 @@ def axis_size(axis_name) -> int:
   for a in names:
     n *= int(lax.axis_size(a)) if hasattr(lax, "axis_size") else int(lax.psum(1, a))
   return n
-
-
-def _vma(x) -> frozenset:
-  typeof = getattr(jax, "typeof", None)
-  if typeof is None:
-    return frozenset()
-  try:
-    return frozenset(getattr(typeof(x), "vma", frozenset()) or ())
-  except Exception:  # noqa: BLE001 - not a jax value, or an old jax without vma typing
-    return frozenset()
-
-
-def pvary(x, axes: Sequence[str]):
-  """Marks every leaf of ``x`` as varying over ``axes`` (those it does not already vary over)."""
-  axes = tuple(axes)
-
-  def one(leaf):
-    if leaf is None:
-      return None
-    missing = tuple(a for a in axes if a not in _vma(leaf))
-    if not missing:
-      return leaf
-    if hasattr(lax, "pcast"):
-      return lax.pcast(leaf, missing, to="varying")
-    if hasattr(lax, "pvary"):
-      return lax.pvary(leaf, missing)
-    return leaf
-
-  return jax.tree_util.tree_map(one, x)
 
 
 def constrain(x, mesh, spec):

@@ -16,9 +16,9 @@ import functools
 import jax.numpy as jnp
 from jax import lax
 
+from jaxattn._vma import match_vma
 from jaxattn.ops.softmax import api as softmax_api
 from jaxattn.parallel.plan import GatherPlan
-from jaxattn.parallel.ring import _vary_like
 
 __all__ = ["all_gather_attention_local"]
 
@@ -46,7 +46,7 @@ def all_gather_attention_local(q, k, v, q_ids, kv_ids, *, axis_name: str, plan: 
   def skip(q, kg, vg, q_ids, kid):
     out = jnp.zeros((B, Tl, H, E), q.dtype)
     lse = jnp.full((B, H, Tl), -jnp.inf, jnp.float32)
-    return _vary_like((out, lse), q, kg, q_ids, kid)
+    return match_vma((out, lse), q, kg, q_ids, kid)
 
   def attend(mask, q, kg, vg, q_ids, kid):
     seg = None if q_ids is None else (q_ids, kid)

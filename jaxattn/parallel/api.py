@@ -88,8 +88,8 @@ def context_parallel_attention(q, k, v, *, mesh=None, seq_axis=None, strategy: s
     load_balance: ``"zigzag"`` or None (contiguous shards).
     zigzag_inputs: the inputs (and so the outputs) are already in zigzag order (see above).
     axis_name: inside a ``shard_map``: the bound axis name (or ``(ulysses_axis, ring_axis)`` for usp); then q, k, v and
-      segment ids are this device's shards and the result is this device's shard. Call it with ``check_vma=False``
-      on your ``shard_map`` (the blockwise kernels' loop carries are not vma-typed).
+      segment ids are this device's shards and the result is this device's shard. Your ``shard_map`` may keep
+      ``check_vma=True`` (loop carries and cotangents are vma-typed).
     batch_axis: mesh axis (or axes) sharding ``B`` (data parallelism), mesh mode only.
     head_axis: mesh axis (or axes) sharding the heads ``H`` and ``G`` (tensor parallelism), mesh mode only.
     scale: logit scale, default ``D ** -0.5``.

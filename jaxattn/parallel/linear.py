@@ -68,7 +68,7 @@ def context_parallel_linear_attention(q, k, v, *, mesh=None, seq_axis: str | Non
     mesh: a ``jax.sharding.Mesh`` (the call runs ``shard_map`` over it), or None inside your own ``shard_map``
       with ``axis_name`` set (then all arrays are this device's shards).
     seq_axis: the mesh axis of the sequence shards (mesh mode).
-    axis_name: the bound axis name (inside ``shard_map``; use ``check_vma=False``).
+    axis_name: the bound axis name (inside your ``shard_map``; ``check_vma=True`` works).
     log_decay: None, ``[H]`` per-head constant or ``[B, T, H]`` per-token gate (``<= 0``), as in
       :func:`jaxattn.linear_attention`.
     causal: the causal recurrence (default) or the non-causal form (``log_decay`` must be None).

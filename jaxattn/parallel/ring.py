@@ -33,10 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxattn._vma import match_vma
 from jaxattn.ops.softmax import api as softmax_api
 from jaxattn.ops.softmax import xla as softmax_xla
 from jaxattn.ops.softmax.config import AttentionConfig
-from jaxattn.parallel import _compat
 from jaxattn.parallel.plan import RingPlan
 
 __all__ = ["merge_attention", "ring_attention_local"]
@@ -76,15 +76,6 @@ def _shift_perm(P: int, shift: int) -> list[tuple[int, int]]:
   return [(i, (i + shift) % P) for i in range(P)]
 
 
-def _vary_like(x, *refs):
-  """Marks ``x`` (fresh zeros/constants) as varying over the axes the reference values vary over."""
-  axes = set()
-  for ref in refs:
-    if ref is not None:
-      axes |= _compat._vma(ref)
-  return _compat.pvary(x, sorted(axes)) if axes else x
-
-
 # --------------------------------------------------------------------------------------------------- forward
 def _block_forward(st: _Static, q, q_ids, kk, vv, kid, branch):
   """Attention of the local queries against one K/V shard, by the plan's branch. -> (out f32, lse)."""
@@ -94,7 +85,7 @@ def _block_forward(st: _Static, q, q_ids, kk, vv, kid, branch):
   def skip(q, kk, vv, q_ids, kid):
     out = jnp.zeros((B, Tl, H, E), jnp.float32)
     lse = jnp.full((B, H, Tl), -jnp.inf, jnp.float32)
-    return _vary_like((out, lse), q, kk, q_ids, kid)
+    return match_vma((out, lse), q, kk, q_ids, kid)
 
   def attend(mask, q, kk, vv, q_ids, kid):
     seg = None if q_ids is None else (q_ids, kid)
@@ -127,7 +118,7 @@ def _forward(q, k, v, q_ids, kv_ids, st: _Static):
   fwd = _shift_perm(P, 1)
   out = jnp.zeros((B, Tl, H, E), jnp.float32)
   lse = jnp.full((B, H, Tl), -jnp.inf, jnp.float32)
-  out, lse = _vary_like((out, lse), q, k, q_ids, kv_ids)
+  out, lse = match_vma((out, lse), q, k, q_ids, kv_ids)
 
   def body(s, carry):
     kk, vv, kid, out, lse = carry
@@ -154,7 +145,7 @@ def _block_grads(st: _Static, q, q_ids, dout, lse_t, delta, kk, vv, kid, branch)
   def skip(q, kk, vv, q_ids, kid, dout, lse_t, delta):
     z = (jnp.zeros((B, Tl, H, D), jnp.float32), jnp.zeros((B, Sk, G, D), jnp.float32),
          jnp.zeros((B, Sk, G, E), jnp.float32))
-    return _vary_like(z, q, kk, q_ids, kid, dout)
+    return match_vma(z, q, kk, q_ids, kid, dout)
 
   def grads(mask, q, kk, vv, q_ids, kid, dout, lse_t, delta):
     cfg = AttentionConfig(T=Tl, S=Sk, scale=st.scale, mask=mask, return_lse=True)
@@ -184,7 +175,7 @@ def _backward(st: _Static, res, g):
   fwd = _shift_perm(P, 1)
   dq = jnp.zeros(q.shape, jnp.float32)
   dk, dv = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
-  dq, dk, dv = _vary_like((dq, dk, dv), q, k, dout, q_ids, kv_ids)
+  dq, dk, dv = match_vma((dq, dk, dv), q, k, dout, q_ids, kv_ids)
 
   def body(s, carry):
     kk, vv, kid, dk, dv, dq = carry

@@ -41,8 +41,9 @@ def test_tensor_parallel_head_axis(strategy):
   testing.assert_close(grads, r_grads, kind="grad")
 
 
+@pytest.mark.parametrize("check_vma", [True, False])
 @pytest.mark.parametrize("strategy", ["ring", pytest.param("ulysses", marks=pytest.mark.slow)])
-def test_inside_user_shard_map(strategy):
+def test_inside_user_shard_map(strategy, check_vma):
   mesh = common.mesh_1d()
   q, k, v, w_out, w_lse = common.inputs(4)
   spec = P(None, "seq")
@@ -51,7 +52,7 @@ def test_inside_user_shard_map(strategy):
     out = context_parallel_attention(q, k, v, axis_name="seq", strategy=strategy, mask=masks.Causal())
     return out * 2.0
 
-  sharded = _compat.shard_map(model, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
+  sharded = _compat.shard_map(model, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check=check_vma)
   loss = lambda q, k, v: jnp.sum(sharded(q, k, v) * w_out)
   ref_loss = lambda q, k, v: jnp.sum(jaxattn.softmax_attention(q, k, v, mask=masks.Causal()) * 2.0 * w_out)
   val, grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(q, k, v)
@@ -68,9 +69,10 @@ def test_explicit_mesh_forward():
 
 
 @pytest.mark.slow
-def test_linear_inside_user_shard_map():
+@pytest.mark.parametrize("check_vma", [True, False])
+def test_linear_inside_user_shard_map(check_vma):
   q, k, v, _, _ = common.inputs(5)
   spec = P(None, "seq")
   lin = _compat.shard_map(functools.partial(context_parallel_linear_attention, axis_name="seq"),
-                          mesh=common.mesh_1d(), in_specs=(spec,) * 3, out_specs=spec)
+                          mesh=common.mesh_1d(), in_specs=(spec,) * 3, out_specs=spec, check=check_vma)
   testing.assert_close(jax.jit(lin)(q, k, v), jaxattn.linear_attention(q, k, v), rms=1e-5)

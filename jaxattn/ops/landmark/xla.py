@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxattn._vma import match_vma, sum_to_vma
 from jaxattn.ops.landmark.config import LandmarkConfig
 
 _DEFAULT_TILE = 256
@@ -163,7 +164,7 @@ def _forward(q, k, v, st: _Static):
 
     init = (jnp.full((B, G, R, bq), -jnp.inf, jnp.float32), jnp.zeros((B, G, R, bq), jnp.float32),
             jnp.zeros((B, G, R, bq, E), jnp.float32))
-    m, l, acc = lax.fori_loop(0, ((qi + 1) * bq - 1) // bk + 1, body, init)
+    m, l, acc = lax.fori_loop(0, ((qi + 1) * bq - 1) // bk + 1, body, match_vma(init, q, k, v))
     out = (acc / jnp.where(l == 0, 1.0, l)[..., None]).astype(q.dtype)
     lse = jnp.where(l > 0, _safe(m) + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
     return out, lse
@@ -217,7 +218,8 @@ def _backward(st: _Static, res, g):
       _, ds = tile_grads(qi, kj)
       return dq + mm("bgrqk,bgkd->bgrqd", ds.astype(k.dtype), kB[kj])
 
-    dq = lax.fori_loop(0, ((qi + 1) * bq - 1) // bk + 1, body, jnp.zeros((B, G, R, bq, D), jnp.float32))
+    init = match_vma(jnp.zeros((B, G, R, bq, D), jnp.float32), q, k, v, dout)
+    dq = lax.fori_loop(0, ((qi + 1) * bq - 1) // bk + 1, body, init)
     return dq * st.cfg.scale
 
   def one_kv_block(kj):
@@ -229,14 +231,14 @@ def _backward(st: _Static, res, g):
       return dk, dv
 
     init = (jnp.zeros((B, G, bk, D), jnp.float32), jnp.zeros((B, G, bk, E), jnp.float32))
-    dk, dv = lax.fori_loop((kj * bk) // bq, nq, body, init)
+    dk, dv = lax.fori_loop((kj * bk) // bq, nq, body, match_vma(init, q, k, v, dout))
     return dk * st.cfg.scale, dv
 
   dq = _unblocks(lax.map(one_q_block, jnp.arange(nq)), T).reshape(B, T, H, D)
   dkB, dvB = lax.map(one_kv_block, jnp.arange(nk))  # [nK, B, G, bk, D|E]
   dk = dkB.transpose(1, 0, 3, 2, 4).reshape(B, Tp, G, D)[:, :T]
   dv = dvB.transpose(1, 0, 3, 2, 4).reshape(B, Tp, G, E)[:, :T]
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+  return sum_to_vma((dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)), (q, k, v))
 
 
 # --------------------------------------------------------------------------------------------------- custom_vjp

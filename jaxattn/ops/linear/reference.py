@@ -17,6 +17,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
+from jaxattn._vma import match_vma
 from jaxattn.ops.linear.config import LOG_DECAY_FLOOR, LinearConfig
 
 _HI = lax.Precision.HIGHEST
@@ -67,6 +68,7 @@ def linear_attention_reference(q, k, v, log_decay, initial_state, cfg: LinearCon
   H = q.shape[2]
   k, v = _heads(k, H), _heads(v, H)  # [B, S, H, D], [B, S, H, E]
   state0 = _zero_state(q, v) if initial_state is None else initial_state
+  state0 = match_vma(state0, q, k, v, log_decay)
   if log_decay is None:
     g = None
   elif log_decay.ndim == 1:

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxattn._vma import match_vma, sum_to_vma
 from jaxattn.ops.linear.config import LOG_DECAY_FLOOR, LinearConfig
 
 DEFAULT_CHUNK = 64
@@ -164,7 +165,7 @@ def _state_scan(S0, U, decay):
     S_next = S + U_c if d_c is None else d_c * S + U_c
     return S_next, S
 
-  return lax.scan(step, S0, (U, decay))
+  return lax.scan(step, match_vma(S0, U, decay), (U, decay))
 
 
 # ---------------------------------------------------------------------------------------------------- backward
@@ -176,7 +177,8 @@ def _fwd(q, k, v, log_decay, initial_state, scale, C):
 def _bwd(scale, C, res, g):
   q, k, v, log_decay, initial_state, S_in = res
   dout, dstate = g
-  return _backward(q, k, v, log_decay, initial_state, S_in, dout, dstate, scale, C)
+  grads = _backward(q, k, v, log_decay, initial_state, S_in, dout, dstate, scale, C)
+  return sum_to_vma(grads, (q, k, v, log_decay, initial_state))
 
 
 _chunked.defvjp(_fwd, _bwd)
@@ -235,7 +237,7 @@ def _backward(q, k, v, log_decay, initial_state, S_in, dout, dS_final, scale, C)
     dS_c = dS_out_c + (dS_next if d_c is None else d_c * dS_next)
     return dS_c, dS_next  # emit the cotangent of S_{c+1} for chunk c's increments
 
-  dS_0, dS_next = lax.scan(step, dS_N, (dS_out, decay), reverse=True)  # dS_next[c] = dS_{c+1}
+  dS_0, dS_next = lax.scan(step, match_vma(dS_N, dS_out, decay), (dS_out, decay), reverse=True)  # dS_next[c] = dS_{c+1}
 
   # U_c = sum_j e^{b_j} k_j v_j^T  ->  dk_j = e^{b_j} dS_{c+1} v_j, dv_j = e^{b_j} dS_{c+1}^T k_j
   if b is None:

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxattn._vma import match_vma, sum_to_vma
 from jaxattn.ops.softmax.config import AttentionConfig, BlockSizes
 from jaxattn.ops.softmax.mask_info import MaskInfo, mask_info
 
@@ -161,7 +162,7 @@ def _forward(q, k, v, bias, q_ids, kv_ids, st: _Static):
 
     init = (jnp.full((B, G, R, bq), -jnp.inf, jnp.float32), jnp.zeros((B, G, R, bq), jnp.float32),
             jnp.zeros((B, G, R, bq, E), jnp.float32))
-    m, l, acc = lax.fori_loop(0, kv_count[qi], body, init)
+    m, l, acc = lax.fori_loop(0, kv_count[qi], body, match_vma(init, q, k, v, bias, q_ids, kv_ids))
     out = (acc / jnp.where(l == 0, 1.0, l)[..., None]).astype(q.dtype)
     lse = jnp.where(l > 0, _safe(m) + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
     return out, lse
@@ -182,8 +183,9 @@ def _backward(st: _Static, res, g):
   lse_t = lse.transpose(0, 2, 1)  # [B, T, H]
   dq, dbias = _dq_pass(st, q, k, v, bias, q_ids, kv_ids, dout, lse_t, delta)
   dk, dv = _dkv_pass(st, q, k, v, bias, q_ids, kv_ids, dout, lse_t, delta)
-  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
-          None if bias is None else dbias.astype(bias.dtype), None, None)
+  grads = (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
+           None if bias is None else dbias.astype(bias.dtype), None, None)
+  return sum_to_vma(grads, (q, k, v, bias, q_ids, kv_ids))
 
 
 def _row_blocks(x, B, T, G, R, bq):
@@ -229,7 +231,8 @@ def _dq_pass(st, q, k, v, bias, q_ids, kv_ids, dout, lse, delta):
       return dq, dbias
 
     dbias0 = None if bias is None else jnp.zeros((nk, bias.shape[0], bias.shape[1], bq, bk), jnp.float32)
-    dq, dbias = lax.fori_loop(0, kv_count[qi], body, (jnp.zeros((B, G, R, bq, D), jnp.float32), dbias0))
+    init = match_vma((jnp.zeros((B, G, R, bq, D), jnp.float32), dbias0), q, k, v, bias, q_ids, kv_ids, dout, lse)
+    dq, dbias = lax.fori_loop(0, kv_count[qi], body, init)
     return dq * cfg.scale, dbias
 
   dqB, dbiasB = lax.map(one_q_block, jnp.arange(info.num_q_blocks))
@@ -279,7 +282,7 @@ def _dkv_pass(st, q, k, v, bias, q_ids, kv_ids, dout, lse, delta):
       return dk, dv
 
     init = (jnp.zeros((B, G, bk, D), jnp.float32), jnp.zeros((B, G, bk, E), jnp.float32))
-    dk, dv = lax.fori_loop(0, q_count[kj], body, init)
+    dk, dv = lax.fori_loop(0, q_count[kj], body, match_vma(init, q, k, v, bias, q_ids, kv_ids, dout, lse))
     return dk * cfg.scale, dv
 
   dkB, dvB = lax.map(one_kv_block, jnp.arange(info.num_k_blocks))  # [nK, B, G, bk, D]
