@@ -10,6 +10,9 @@ field can be overridden from the command line by its dotted name (``--train.epoc
   but only 128 steps of 32 examples per run (4096 training examples, 500 test examples). That is under 1/1000 of
   Zoology's training budget: far too little for any mixer to learn MQAR (see the README), so read it as the
   pipeline at CPU scale, not as a reproduction.
+- ``cpu_long``: the same mixers at d_model {32, 64} with V = 256 and 3000 steps x 64 fresh examples per run (about
+  80 minutes on 2 cores): long enough for attention, linear attention and the hybrid to leave the 1/D plateau at
+  N = 64 (README table).
 - ``smoke``: one short run per mixer at (64, 4), d_model 32 (well under 2 minutes).
 - ``gpu``: Zoology's Figure 2 grid (V = 8192, 100K / 3K examples, 64 epochs, d_model 64..512, lr logspace(-4, -2, 4),
   per-N batch sizes).
@@ -262,6 +265,20 @@ DEFAULT = MQARConfig(
     train=TrainConfig(batch_size=32, epochs=1, eval_every=64, log_every=32),
 )
 
+CPU_LONG = MQARConfig(
+    name="cpu_long",
+    description="CPU scale, long enough for attention to leave its plateau at N=64: V=256, (N, D) in {(64, 4), "
+                "(128, 8)}, d_model in {32, 64}, attention / baseconv / linear / hybrid, lr in {1e-3, 3e-3}, 3000 "
+                "steps x 64 examples per run (192K, each seen once), early stop at 0.99 (about 80 minutes on 2 "
+                "cores; resumable)",
+    tasks=(Task(64, 4), Task(128, 8)),
+    d_models=(32, 64),
+    mixers=("attention", "baseconv", "linear", "hybrid"),
+    lrs=(1e-3, 3e-3),
+    data=DataConfig(vocab_size=256, num_train=192_000, num_test=1_000),
+    train=TrainConfig(batch_size=64, epochs=1, eval_every=250, log_every=125),
+)
+
 SMOKE = MQARConfig(
     name="smoke",
     description="one run per mixer at (N, D) = (64, 4), d_model 32, lr 3e-3: well under 2 minutes on CPU",
@@ -298,7 +315,7 @@ TEST = MQARConfig(
     tensorboard=False,
 )
 
-PRESETS: dict[str, MQARConfig] = {c.name: c for c in (DEFAULT, SMOKE, GPU, TEST)}
+PRESETS: dict[str, MQARConfig] = {c.name: c for c in (DEFAULT, CPU_LONG, SMOKE, GPU, TEST)}
 
 
 def get_config(name: str = "default") -> MQARConfig:

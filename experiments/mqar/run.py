@@ -20,6 +20,8 @@ Examples::
   python -m experiments mqar --preset smoke           # under 2 minutes
   python -m experiments mqar --preset gpu --workdir /tmp/mqar_gpu
   python -m experiments mqar --mixers attention,baseconv --d_models 64 --train.epochs 8 --workdir /tmp/mqar_x
+  python -m experiments mqar --preset cpu_long --tasks 128:8 --d_models 64   # part of a sweep now, the rest later
+  python -m experiments mqar --preset cpu_long --report   # the table of whatever has finished so far
 """
 
 from __future__ import annotations
@@ -82,13 +84,17 @@ def _atomic_write(path: pathlib.Path, text: str) -> None:
 
 
 def accuracy_table(rows: list[dict], cfg: MQARConfig) -> tuple[str, dict]:
-  """Markdown table of the final test accuracy, best learning rate per (mixer, N, d_model) cell.
+  """Markdown table of the final test accuracy, best learning rate per (mixer, N, d_model) cell (rows of runs
+  outside ``cfg``'s grid are ignored).
 
   Returns:
     ``(markdown, cells)`` with ``cells[mixer][task_name][d_model] = accuracy`` (missing runs are absent).
   """
   cells: dict = {}
+  planned = {r.name for r in plan_runs(cfg)}
   for r in rows:
+    if r["run"] not in planned:
+      continue
     c = cells.setdefault(r["mixer"], {}).setdefault(r["task"], {})
     c[r["d_model"]] = max(c.get(r["d_model"], -1.0), r["accuracy"])
   cols = [(t, d) for t in cfg.tasks for d in cfg.d_models]
@@ -141,7 +147,7 @@ def _prepare_workdir(workdir: pathlib.Path, cfg: MQARConfig, fresh: bool) -> lis
 
 
 def run_sweep(cfg: MQARConfig, workdir: str | pathlib.Path, *, progress: bool = True, fresh: bool = False,
-              interrupt_after: int | None = None, verbose: bool = True) -> dict:
+              interrupt_after: int | None = None, verbose: bool = True, train: bool = True) -> dict:
   """Runs (or resumes) the sweep and writes the outputs; returns the ``results.json`` content.
 
   Args:
@@ -152,6 +158,8 @@ def run_sweep(cfg: MQARConfig, workdir: str | pathlib.Path, *, progress: bool = 
     interrupt_after: stop (raising :class:`experiments.common.train.Interrupted`) after this many training steps
       of the current run, without saving: a simulated kill, for tests.
     verbose: print one line per finished run and the table.
+    train: False only rebuilds the table, ``results.md`` and the plot from the runs already finished in
+      ``workdir`` (missing cells show as "—"), training nothing.
   """
   import jax
   from experiments.common.distributed import shard_indices
@@ -186,7 +194,7 @@ def run_sweep(cfg: MQARConfig, workdir: str | pathlib.Path, *, progress: bool = 
     return out, table, cells
 
   for run in runs:
-    if run.name in done or run.arch not in my_archs:
+    if not train or run.name in done or run.arch not in my_archs:
       continue
     task = run.task
     if task not in sources:
@@ -230,8 +238,10 @@ def run_sweep(cfg: MQARConfig, workdir: str | pathlib.Path, *, progress: bool = 
     ckpt_root.rmdir()
   if jax.process_count() > 1:
     done = _gather_rows(done, new_rows)
+  # every finished run in the work directory stays in results.json (a sweep resumed with a narrower grid must not
+  # drop the others): this plan's runs first, in plan order, then the rest in the order they finished
   order = {r.name: i for i, r in enumerate(runs)}
-  rows_all = sorted((r for r in done.values() if r["run"] in order), key=lambda r: order[r["run"]])
+  rows_all = sorted(done.values(), key=lambda r: order.get(r["run"], len(order)))
   out, table, cells = record(rows_all) if main_process else ({}, "", {})
   if main_process:
     _atomic_write(workdir / "results.md", f"# MQAR, preset {cfg.name}\n\n{table}\n")
@@ -281,6 +291,8 @@ def _build_parser(cfg: MQARConfig) -> argparse.ArgumentParser:
                  help=f"output folder (default {DEFAULT_WORKDIR}/ for the default preset, "
                       f"{DEFAULT_WORKDIR}/<preset>/ otherwise)")
   p.add_argument("--fresh", action="store_true", help="discard earlier results in the work directory")
+  p.add_argument("--report", action="store_true",
+                 help="train nothing: rebuild the table, results.md and the plot from the finished runs")
   p.add_argument("--distributed", action="store_true",
                  help="call jax.distributed.initialize() first (multi-host TPU: architectures are split across "
                       "processes, process 0 writes the outputs)")
@@ -317,6 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   workdir = pathlib.Path(args.workdir) if args.workdir else (
       DEFAULT_WORKDIR if cfg.name == "default" else DEFAULT_WORKDIR / cfg.name)
   t0 = time.time()
-  run_sweep(cfg, workdir, progress=not args.no_progress, fresh=args.fresh)
+  if args.report and args.fresh:
+    raise SystemExit("--report and --fresh together would discard the results the report is built from")
+  run_sweep(cfg, workdir, progress=not args.no_progress, fresh=args.fresh, train=not args.report)
   print(f"wall time {time.time() - t0:.1f} s")
   return 0

@@ -95,6 +95,19 @@ def test_sweep_command_resumes_after_kill(tmp_path, capsys):
   assert "0 runs trained" in capsys.readouterr().out and time.time() - t0 < 30
   with pytest.raises(SystemExit, match="different data/model/train settings"):
     mqar_run.main(argv + ["--workdir", str(tmp_path / "full"), "--train.epochs", "3"])
+  # --report with a larger grid trains nothing and tables what has finished
+  mqar_run.main(argv + ["--workdir", str(tmp_path / "full"), "--lrs", "0.01,0.03", "--report"])
+  out = capsys.readouterr().out
+  assert "0 runs trained" in out and "| attention |" in out
+  assert json.loads((tmp_path / "full" / "results.json").read_text())["runs"] == full["runs"]
+  # a sweep resumed with a narrower grid keeps the other finished runs in results.json (and out of its table)
+  mqar_run.main(argv + ["--workdir", str(tmp_path / "full"), "--lrs", "0.03"])
+  out = capsys.readouterr().out
+  assert "1 runs trained" in out
+  narrowed = json.loads((tmp_path / "full" / "results.json").read_text())
+  runs = narrowed["runs"]
+  assert [r["lr"] for r in runs] == [0.03, 0.01] and runs[1] == full["runs"][0]
+  assert narrowed["table"]["attention"][TASK.name][str(CFG.d_models[0])] == runs[0]["accuracy"]
 
 
 @pytest.mark.slow
