@@ -29,7 +29,6 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from tqdm import tqdm
 
 import jaxattn
@@ -86,10 +85,6 @@ def _ours(name: str, case: LinearCase) -> Callable:
   return functools.partial(jaxattn.linear_attention, implementation=name)
 
 
-def _refuse(reason: str, case: LinearCase) -> Callable:
-  raise NotImplementedError(reason)
-
-
 def available_impls(include_reference: bool = False, requested: Sequence[str] | None = None) -> list[Impl]:
   """Our implementations in registry order (see the module docstring for what is skipped).
 
@@ -106,7 +101,7 @@ def available_impls(include_reference: bool = False, requested: Sequence[str] | 
     if kernel_plat is not None and kernel_plat != plat and not asked:
       why = (f"{name} on a {plat} backend would run in interpret mode (timings meaningless); "
              f"name it in --impls to time it anyway")
-      impls.append(Impl(name, "jaxattn", functools.partial(_refuse, why)))
+      impls.append(Impl(name, "jaxattn", functools.partial(timing.refuse, why)))
     else:
       impls.append(Impl(name, "jaxattn", functools.partial(_ours, name)))
   if requested:
@@ -144,11 +139,6 @@ def _make_step(fn: Callable, mode: str, has_decay: bool) -> Callable:
   return jax.jit(jax.grad(lambda q, k, v, g: jnp.sum(call(q, k, v, g).astype(jnp.float32)), argnums=argnums))
 
 
-def _relerr(out, base) -> float:
-  out, base = np.asarray(out, np.float32), np.asarray(base, np.float32)
-  return float(np.linalg.norm(out - base) / max(float(np.linalg.norm(base)), 1e-30))
-
-
 def run_bench(preset: LinearBenchPreset, *, modes: Sequence[str] = timing.MODES, impls: Sequence[Impl] | None = None,
               repeats: int | None = None, warmup: int | None = None, budget_s: float | None = None,
               progress: bool = True) -> list[dict]:
@@ -183,24 +173,14 @@ def run_bench(preset: LinearBenchPreset, *, modes: Sequence[str] = timing.MODES,
           row.update(status="skipped", error=f"time budget of {budget_s:g} s exhausted")
         else:
           bar.set_postfix_str(f"{mode} {impl.name}")
-          try:
-            step = _make_step(impl.build(case), mode, inputs[3] is not None)
-            t, out = timing.time_fn(step, *inputs, repeats=repeats, warmup=warmup)
-          except NotImplementedError as e:
-            row.update(status="skipped", error=f"NotImplementedError: {e}")
-          except Exception as e:  # noqa: BLE001 - record and go on (OOM, compiler errors, ...)
-            msg = f"{type(e).__name__}: {e}"
-            oom = "RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower()
-            row.update(status="oom" if oom else "error", error=msg[:2000])
-          else:
-            row.update(ms=t.ms, q20_ms=t.q20_ms, q80_ms=t.q80_ms, tflops=fl / (t.ms * 1e-3) / 1e12,
-                       compile_s=t.compile_s, samples=t.samples, inner=t.inner)
-            if mode == "fwd":
-              if base is None:
-                base = out
-              else:
-                row["relerr"] = _relerr(out, base)
-            del out
+          out = timing.measure_into(row, impl.build, case, mode, inputs, flops=fl, repeats=repeats, warmup=warmup,
+                                    step_fn=functools.partial(_make_step, has_decay=inputs[3] is not None))
+          if out is not None and mode == "fwd":
+            if base is None:
+              base = out
+            else:
+              row["relerr"] = timing.relative_error(out, base)
+          del out
         row["timestamp"] = report.now()
         rows.append(row)
     del inputs

@@ -32,7 +32,6 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from tqdm import tqdm
 
 import jaxattn
@@ -67,10 +66,6 @@ class Impl:
 def _ours(name: str, case: registry.Case) -> Callable:
   mask = None if isinstance(case.mask, Full) else case.mask
   return functools.partial(jaxattn.softmax_attention, mask=mask, implementation=name)
-
-
-def _refuse(reason: str, case: registry.Case) -> Callable:
-  raise NotImplementedError(reason)
 
 
 def _jax_nn_mask_kwargs(mask) -> dict:
@@ -132,7 +127,7 @@ def available_impls(include_reference: bool = False, requested: Sequence[str] | 
     if kernel_plat is not None and kernel_plat != plat and not (requested and name in requested):
       why = (f"{name} on a {plat} backend would run in interpret mode (timings meaningless); "
              f"name it in --impls to time it anyway")
-      impls.append(Impl(name, "jaxattn", functools.partial(_refuse, why)))
+      impls.append(Impl(name, "jaxattn", functools.partial(timing.refuse, why)))
     else:
       impls.append(Impl(name, "jaxattn", functools.partial(_ours, name)))
   impls.append(Impl("jax.nn/xla", "anchor", functools.partial(_jax_nn, "xla")))
@@ -158,16 +153,6 @@ def _inputs(case: registry.Case, seed: int = 0):
   k = jax.random.normal(kk, (s.B, s.S, s.G, s.D), dtype)
   v = jax.random.normal(kv, (s.B, s.S, s.G, s.D), dtype)
   return q, k, v
-
-
-def _status_of(e: Exception) -> str:
-  msg = f"{type(e).__name__}: {e}"
-  return "oom" if ("RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower()) else "error"
-
-
-def _relerr(out, base) -> float:
-  out, base = np.asarray(out, np.float32), np.asarray(base, np.float32)
-  return float(np.linalg.norm(out - base) / max(float(np.linalg.norm(base)), 1e-30))
 
 
 def run_bench(preset: registry.BenchPreset, *, modes: Sequence[str] = ("fwd", "fwd+bwd"),
@@ -214,22 +199,13 @@ def run_bench(preset: registry.BenchPreset, *, modes: Sequence[str] = ("fwd", "f
           row.update(status="skipped", error=f"time budget of {budget_s:g} s exhausted")
         else:
           bar.set_postfix_str(f"{mode} {impl.name}")
-          try:
-            step = timing.make_step(impl.build(case), mode)
-            t, out = timing.time_fn(step, *inputs, repeats=repeats, warmup=warmup)
-          except NotImplementedError as e:
-            row.update(status="skipped", error=f"NotImplementedError: {e}")
-          except Exception as e:  # noqa: BLE001 - record and go on (OOM, compiler errors, ...)
-            row.update(status=_status_of(e), error=f"{type(e).__name__}: {e}"[:2000])
-          else:
-            row.update(ms=t.ms, q20_ms=t.q20_ms, q80_ms=t.q80_ms, tflops=fl / (t.ms * 1e-3) / 1e12,
-                       compile_s=t.compile_s, samples=t.samples, inner=t.inner)
-            if mode == "fwd":
-              if base is None:
-                base = out
-              else:
-                row["relerr"] = _relerr(out, base)
-            del out
+          out = timing.measure_into(row, impl.build, case, mode, inputs, flops=fl, repeats=repeats, warmup=warmup)
+          if out is not None and mode == "fwd":
+            if base is None:
+              base = out
+            else:
+              row["relerr"] = timing.relative_error(out, base)
+          del out
         row["timestamp"] = report.now()
         rows.append(row)
     del inputs

@@ -96,3 +96,39 @@ def time_fn(f: Callable, *args, repeats: int = 10, warmup: int = 1, min_sample_s
   timing = Timing(ms=float(np.median(s)), q20_ms=float(np.quantile(s, 0.2)), q80_ms=float(np.quantile(s, 0.8)),
                   compile_s=compile_s, samples=len(samples), inner=inner)
   return timing, out
+
+
+def refuse(reason: str, case) -> Callable:
+  """An implementation builder that declines every case (its rows are recorded as ``skipped`` with ``reason``)."""
+  raise NotImplementedError(reason)
+
+
+def relative_error(out, base) -> float:
+  """``||out - base|| / ||base||`` in f32 (how far one implementation's output is from the first one timed)."""
+  out, base = np.asarray(out, np.float32), np.asarray(base, np.float32)
+  return float(np.linalg.norm(out - base) / max(float(np.linalg.norm(base)), 1e-30))
+
+
+def measure_into(row: dict, build: Callable, case, mode: str, inputs, *, flops: float, repeats: int, warmup: int,
+                 step_fn: Callable[[Callable, str], Callable] = make_step):
+  """Times ``step_fn(build(case), mode)`` on ``inputs`` and fills ``row`` (``ms``, quantiles, ``tflops``, ...).
+
+  A builder or call raising ``NotImplementedError`` gives ``status="skipped"``; any other failure is recorded as
+  ``"oom"`` or ``"error"`` with its message, so one failing implementation does not stop a benchmark.
+
+  Returns:
+    The step's output, or None when it did not run.
+  """
+  try:
+    t, out = time_fn(step_fn(build(case), mode), *inputs, repeats=repeats, warmup=warmup)
+  except NotImplementedError as e:
+    row.update(status="skipped", error=f"NotImplementedError: {e}")
+    return None
+  except Exception as e:  # noqa: BLE001 - record and go on (OOM, compiler errors, ...)
+    msg = f"{type(e).__name__}: {e}"
+    oom = "RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower()
+    row.update(status="oom" if oom else "error", error=msg[:2000])
+    return None
+  row.update(ms=t.ms, q20_ms=t.q20_ms, q80_ms=t.q80_ms, tflops=flops / (t.ms * 1e-3) / 1e12,
+             compile_s=t.compile_s, samples=t.samples, inner=t.inner)
+  return out
