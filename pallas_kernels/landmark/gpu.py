@@ -27,7 +27,6 @@ Numerics: f32 logits in base 2 (``exp2``), f32 accumulators, output in q's dtype
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -35,32 +34,18 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.common import LN2, LOG2E, MAX_HEAD_DIM, NN, NT, TN, is_pow2, padded_head_dim
+
 __all__ = ["flash_landmark_forward", "flash_landmark_backward_dq", "flash_landmark_backward_dkv",
            "check_blocks", "padded_head_dim", "MAX_HEAD_DIM"]
-
-LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
-MAX_HEAD_DIM = 256
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_TN = (((0,), (0,)), ((), ()))  # a.T @ b
-_NN = (((1,), (0,)), ((), ()))  # a @ b
-
-
-def _is_pow2(n: int) -> bool:
-  return n >= 1 and n & (n - 1) == 0
-
-
-def padded_head_dim(d: int) -> int:
-  """The head dim the kernels run with: the next power of two, at least 16 (inputs are zero-padded)."""
-  return max(16, 1 << max(0, (d - 1).bit_length()))
 
 
 def check_blocks(block_size: int, block_q: int) -> None:
   """Raises ValueError unless ``block_size`` is a power of two >= 16 and ``block_q`` a power-of-two multiple."""
-  if not _is_pow2(block_size) or block_size < 16:
+  if not is_pow2(block_size) or block_size < 16:
     raise ValueError(f"the GPU landmark kernels need block_size to be a power of two >= 16 (a Triton tile), "
                      f"got {block_size}")
-  if block_q % block_size or not _is_pow2(block_q):
+  if block_q % block_size or not is_pow2(block_q):
     raise ValueError(f"block_q={block_q} must be a power-of-two multiple of block_size={block_size}")
 
 
@@ -119,7 +104,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, bs, m_blocks, num
   def step(kb, carry, diag):
     acc, m, l = carry
     ks = pl.ds(pl.multiple_of(kb * bs, bs), bs)
-    s2 = _dot(q, k_ref[ks, :], _NT) * (scale * LOG2E)  # [bq, bs]
+    s2 = _dot(q, k_ref[ks, :], NT) * (scale * LOG2E)  # [bq, bs]
     t = _Tile(s2, q0, kb, bs, diag)
     m_new = jnp.maximum(m, t.lam)
     if diag:
@@ -134,7 +119,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, bs, m_blocks, num
       p_cur = jnp.exp2(t.s_cur - m_safe[:, None])
       p = p + p_cur
       l = l + jnp.sum(p_cur, axis=1)
-    acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v, _NN)
+    acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v, NN)
     return acc, m_new, l
 
   carry = (jnp.zeros((bq, o_ref.shape[-1]), jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
@@ -224,9 +209,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale
   def step(kb, dq, diag):
     ks = pl.ds(pl.multiple_of(kb * bs, bs), bs)
     k, v = k_ref[ks, :], v_ref[ks, :]
-    t = _Tile(_dot(q, k, _NT) * (scale * LOG2E), q0, kb, bs, diag)
-    _, ds = _tile_grads(t, lse2, delta, _dot(do, v, _NT))
-    return dq + _dot(ds.astype(k.dtype), k, _NN)
+    t = _Tile(_dot(q, k, NT) * (scale * LOG2E), q0, kb, bs, diag)
+    _, ds = _tile_grads(t, lse2, delta, _dot(do, v, NT))
+    return dq + _dot(ds.astype(k.dtype), k, NN)
 
   first_diag = qb * m_blocks
   dq = jnp.zeros(q.shape, jnp.float32)
@@ -288,10 +273,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
       qs = pl.ds(pl.multiple_of(qb * block_q, block_q), block_q)
       q, do = q_ref[qs, r, :], do_ref[qs, r, :]
       lse2, delta = lse_ref[r, qs], delta_ref[r, qs]
-      t = _Tile(_dot(q, k, _NT) * (scale * LOG2E), qb * block_q, kb, bs, diag)
-      a, ds = _tile_grads(t, lse2, delta, _dot(do, v, _NT))
-      dv = dv + _dot(a.astype(do.dtype), do, _TN)
-      dk = dk + _dot(ds.astype(q.dtype), q, _TN)
+      t = _Tile(_dot(q, k, NT) * (scale * LOG2E), qb * block_q, kb, bs, diag)
+      a, ds = _tile_grads(t, lse2, delta, _dot(do, v, NT))
+      dv = dv + _dot(a.astype(do.dtype), do, TN)
+      dk = dk + _dot(ds.astype(q.dtype), q, TN)
       return dk, dv
 
     carry = step(qb0, carry, True)

@@ -33,12 +33,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.common import NT
+
 __all__ = ["flash_landmark_forward", "flash_landmark_backward_dq", "flash_landmark_backward_dkv", "check_blocks"]
 
 NUM_LANES = 128
 NUM_SUBLANES = 8
 _F32 = jnp.float32
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
 
 
 def check_blocks(block_size: int, block_q: int, T: int) -> None:
@@ -128,7 +129,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *, s
     acc_scr[...] = jnp.zeros(acc_scr.shape, _F32)
 
   def step(diag: bool):
-    s = lax.dot_general(q_ref[...], k_ref[...], _NT, preferred_element_type=_F32, precision=prec) * scale
+    s = lax.dot_general(q_ref[...], k_ref[...], NT, preferred_element_type=_F32, precision=prec) * scale
     t = _Tile(s, i * bq, j, bs, diag)  # s: [bq, bs]
     m_prev, l_prev = m_scr[...][:, :1], l_scr[...][:, :1]  # [bq, 1]
     m_new = jnp.maximum(m_prev, t.lam)
@@ -217,9 +218,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scr, 
 
   def step(diag: bool):
     k, v = k_ref[...], v_ref[...]
-    s = lax.dot_general(q_ref[...], k, _NT, preferred_element_type=_F32, precision=prec) * scale
+    s = lax.dot_general(q_ref[...], k, NT, preferred_element_type=_F32, precision=prec) * scale
     t = _Tile(s, i * bq, j, bs, diag)
-    dp = lax.dot_general(do_ref[...], v, _NT, preferred_element_type=_F32, precision=prec)  # [bq, bs]
+    dp = lax.dot_general(do_ref[...], v, NT, preferred_element_type=_F32, precision=prec)  # [bq, bs]
     _, ds = _tile_grads(t, lse_ref[...][:, :1], delta_ref[...][:, :1], dp)
     dq_scr[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=_F32, precision=prec)
 
@@ -284,9 +285,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
 
   def step(diag: bool):
     q, do, k, v = q_ref[...], do_ref[...], k_ref[...], v_ref[...]
-    s = lax.dot_general(q, k, _NT, preferred_element_type=_F32, precision=prec) * scale  # [bq, bs]
+    s = lax.dot_general(q, k, NT, preferred_element_type=_F32, precision=prec) * scale  # [bq, bs]
     t = _Tile(s, i * bq, kb, bs, diag)
-    dp = lax.dot_general(do, v, _NT, preferred_element_type=_F32, precision=prec)
+    dp = lax.dot_general(do, v, NT, preferred_element_type=_F32, precision=prec)
     a, ds = _tile_grads(t, lse_ref[...][:, :1], delta_ref[...][:, :1], dp)
     dv_scr[...] += jnp.dot(a.T.astype(do.dtype), do, preferred_element_type=_F32, precision=prec)
     dk_scr[...] += jnp.dot(ds.T.astype(q.dtype), q, preferred_element_type=_F32, precision=prec)

@@ -40,30 +40,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.common import MAX_HEAD_DIM, NN, NT, TN, is_pow2, next_pow2, padded_head_dim
 from pallas_kernels.linear import chunk_log_decay, pair_difference
 
 __all__ = ["BlockSizes", "linear_fwd", "linear_bwd_dq", "linear_bwd_dkv", "padded_head_dim", "MAX_HEAD_DIM"]
 
-MAX_HEAD_DIM = 256
 DEFAULT_CHUNK = 64
 DEFAULT_TILE = 64
 _F32 = jnp.float32
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_TN = (((0,), (0,)), ((), ()))  # a.T @ b
-_NN = (((1,), (0,)), ((), ()))  # a @ b
-
-
-def _is_pow2(n: int) -> bool:
-  return n >= 1 and n & (n - 1) == 0
-
-
-def _next_pow2(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
-
-
-def padded_head_dim(d: int) -> int:
-  """The head dim the kernels run with: the next power of two, at least 16 (inputs are zero-padded)."""
-  return max(16, _next_pow2(d))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +77,7 @@ class BlockSizes:
       b = getattr(self, name)
       if b is None and name != "chunk":
         continue
-      if not isinstance(b, int) or isinstance(b, bool) or b < 16 or not _is_pow2(b):
+      if not isinstance(b, int) or isinstance(b, bool) or b < 16 or not is_pow2(b):
         raise ValueError(f"linear gpu BlockSizes.{name} must be a power of two >= 16, got {b!r}")
     if self.num_warps not in (1, 2, 4, 8, 16):
       raise ValueError(f"linear gpu BlockSizes.num_warps must be one of 1, 2, 4, 8, 16, got {self.num_warps!r}")
@@ -104,7 +88,7 @@ class BlockSizes:
     """Every size filled in: the chunk clamped to ``max(16, next_pow2(T))``, tiles to the padded head dims."""
     Dp, Ep = padded_head_dim(D), padded_head_dim(E)
     tile = lambda b, full: min(full, DEFAULT_TILE if b is None else b)
-    return dataclasses.replace(self, chunk=min(self.chunk, max(16, _next_pow2(T))), block_e=tile(self.block_e, Ep),
+    return dataclasses.replace(self, chunk=min(self.chunk, max(16, next_pow2(T))), block_e=tile(self.block_e, Ep),
                                block_d_dq=tile(self.block_d_dq, Dp), block_e_dkv=tile(self.block_e_dkv, Ep))
 
 
@@ -193,17 +177,17 @@ def _fwd_kernel(q_ref, k_ref, v_ref, a_ref, s0_ref, o_ref, st_ref, *, scale, chu
   def body(c, S):  # S = S_c[:, e-tile] f32 [Dp, be]
     rows = pl.ds(pl.multiple_of(c * C, C), C)
     q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
-    s = _dot(q, k, _NT)  # [C, C]
+    s = _dot(q, k, NT)  # [C, C]
     if a_ref is None:
       p = jnp.where(_causal(C), s, 0.0)
-      o = _dot(p.astype(mm), v, _NN) + _dot(q, S.astype(mm), _NN)
-      S = S + _dot(k, v, _TN)
+      o = _dot(p.astype(mm), v, NN) + _dot(q, S.astype(mm), NN)
+      S = S + _dot(k, v, TN)
     else:
       w, ea, eb, eA = _decays(a_ref, rows, c * C + C - 1, C)
       qa = (q.astype(_F32) * ea[:, None]).astype(mm)  # e^{a_i} q_i
-      o = _dot((s * w).astype(mm), v, _NN) + _dot(qa, S.astype(mm), _NN)
+      o = _dot((s * w).astype(mm), v, NN) + _dot(qa, S.astype(mm), NN)
       kb = (k.astype(_F32) * eb[:, None]).astype(mm)  # e^{A - a_j} k_j
-      S = eA * S + _dot(kb, v, _TN)
+      S = eA * S + _dot(kb, v, TN)
     o_ref[rows, :] = (o * scale).astype(o_ref.dtype)
     return S
 
@@ -286,21 +270,21 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, a_ref, s0_ref, dq_ref, rq_ref=None, 
   def body(c, S):  # S = S_c[d-tile, :] f32 [bd, Ep]
     rows = pl.ds(pl.multiple_of(c * C, C), C)
     q, k, v, do = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
-    dpv = _dot(do, v, _NT)  # [C, C]: do_i . v_j
+    dpv = _dot(do, v, NT)  # [C, C]: do_i . v_j
     if a_ref is None:
-      inter = _dot(do, S.astype(mm), _NT)  # [C, bd]: S_c do_i
-      dq = _dot(jnp.where(_causal(C), dpv, 0.0).astype(mm), k, _NN) + inter
-      S = S + _dot(k, v, _TN)
+      inter = _dot(do, S.astype(mm), NT)  # [C, bd]: S_c do_i
+      dq = _dot(jnp.where(_causal(C), dpv, 0.0).astype(mm), k, NN) + inter
+      S = S + _dot(k, v, TN)
     else:
       w, ea, eb, eA = _decays(a_ref, rows, c * C + C - 1, C)
       precise = rq_ref is not None
-      inter = ea[:, None] * _state_dot(do, S, _NT, mm, precise)  # [C, bd]: e^{a_i} S_c do_i
-      dq = _dot((dpv * w).astype(mm), k, _NN) + inter
+      inter = ea[:, None] * _state_dot(do, S, NT, mm, precise)  # [C, bd]: e^{a_i} S_c do_i
+      dq = _dot((dpv * w).astype(mm), k, NN) + inter
       if precise:
         # rq_i = e^{a_i} q_i^T S_c dO_i: the state part of q_i . dq_i, from f32 values (the intra-chunk part comes
         # from the dk/dv kernel's f32 matrices).
         rq_ref[rows] = scale * jnp.sum(q.astype(_F32) * inter, axis=1)
-      S = eA * S + _weighted_dot(k, eb, v, _TN, mm, precise)
+      S = eA * S + _weighted_dot(k, eb, v, TN, mm, precise)
     dq_ref[rows, :] = (dq * scale).astype(dq_ref.dtype)
     return S
 
@@ -371,29 +355,29 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, a_ref, dst_ref, dk_ref, dv_ref, ds0
     c = n_chunks - 1 - n
     rows = pl.ds(pl.multiple_of(c * C, C), C)
     q, k, v, do = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
-    s = _dot(q, k, _NT)  # [C(i), C(j)]: q_i . k_j
-    dpv = _dot(do, v, _NT)  # [C(i), C(j)]: do_i . v_j
+    s = _dot(q, k, NT)  # [C(i), C(j)]: q_i . k_j
+    dpv = _dot(do, v, NT)  # [C(i), C(j)]: do_i . v_j
     dSm = dS.astype(mm)
     if a_ref is None:
       causal = _causal(C)
       p, ds = jnp.where(causal, s, 0.0), jnp.where(causal, dpv, 0.0)
-      dv = scale * _dot(p.astype(mm), do, _TN) + _dot(k, dSm, _NN)
-      dk = scale * _dot(ds.astype(mm), q, _TN) + _dot(v, dSm, _NT)
-      dS = dS + scale * _dot(q, do, _TN)
+      dv = scale * _dot(p.astype(mm), do, TN) + _dot(k, dSm, NN)
+      dk = scale * _dot(ds.astype(mm), q, TN) + _dot(v, dSm, NT)
+      dS = dS + scale * _dot(q, do, TN)
     else:
       w, ea, eb, eA = _decays(a_ref, rows, c * C + C - 1, C)
       kb = (k.astype(_F32) * eb[:, None]).astype(mm)  # e^{A - a_j} k_j
       p, ds = s * w, dpv * w
-      dv = scale * _dot(p.astype(mm), do, _TN) + _dot(kb, dSm, _NN)
+      dv = scale * _dot(p.astype(mm), do, TN) + _dot(kb, dSm, NN)
       precise = r_ref is not None
-      vds = eb[:, None] * _state_dot(v, dS, _NT, mm, precise)  # [C, Dp]: e^{A - a_j} dS_{c+1} v_j
-      dk = scale * _dot(ds.astype(mm), q, _TN) + vds
+      vds = eb[:, None] * _state_dot(v, dS, NT, mm, precise)  # [C, Dp]: e^{A - a_j} dS_{c+1} v_j
+      dk = scale * _dot(ds.astype(mm), q, TN) + vds
       if precise:
         # log-decay terms from f32 values: (q_i . dq_i)_intra - (k_j . dk_j)_intra - (k_j . dk_j)_state, the
         # intra parts being the row / column sums of scale * (q_i . k_j)(do_i . v_j) e^{a_i - a_j}.
         m = s * ds
         r_ref[rows] = scale * (jnp.sum(m, axis=1) - jnp.sum(m, axis=0)) - jnp.sum(k.astype(_F32) * vds, axis=1)
-      dS = eA * dS + scale * _weighted_dot(q, ea, do, _TN, mm, precise)  # + sum_i e^{a_i} q_i dO_i^T
+      dS = eA * dS + scale * _weighted_dot(q, ea, do, TN, mm, precise)  # + sum_i e^{a_i} q_i dO_i^T
     dk_ref[rows, :] = dk.astype(dk_ref.dtype)
     dv_ref[rows, :] = dv.astype(dv_ref.dtype)
     return dS

@@ -54,6 +54,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.common import NN, NT, TN
 from pallas_kernels.linear import chunk_log_decay, pair_difference
 
 __all__ = ["linear_fwd", "linear_bwd_dq", "linear_bwd_dkv", "check_block_shapes", "sublane_multiple",
@@ -64,9 +65,6 @@ NUM_SUBLANES = 8
 DEFAULT_CHUNK = 128
 _ROWS = NUM_SUBLANES  # chunks per block of the lane-dense decay sums and rq / r arrays
 _F32 = jnp.float32
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_TN = (((0,), (0,)), ((), ()))  # a.T @ b
-_NN = (((1,), (0,)), ((), ()))  # a @ b
 
 
 # ------------------------------------------------------------------------------------------------ tiling rules
@@ -286,17 +284,17 @@ def _fwd_kernel(*refs, has_decay, has_s0, scale, n_chunks, prec):
   q, k, v = q_ref[...], k_ref[...], v_ref[...]  # [C, D], [C, D], [C, E]
   mm = q.dtype
   S = state_ref[...]  # [D, E] f32: the state entering this chunk
-  s = _dot(q, k, _NT, prec)  # [C, C]
+  s = _dot(q, k, NT, prec)  # [C, C]
   if has_decay:
     dec = _Decays(*(_row(x[...], _slot(n), C) for x in a_refs), C)
     p = s * dec.w()
     qa = _scaled(q, dec.ea, mm)
-    S_next = dec.eA * S + _dot(_scaled(k, dec.eb, mm), v, _TN, prec)
+    S_next = dec.eA * S + _dot(_scaled(k, dec.eb, mm), v, TN, prec)
   else:
     p = jnp.where(_causal(C), s, 0.0)
     qa = q
-    S_next = S + _dot(k, v, _TN, prec)
-  o = _dot(p.astype(mm), v, _NN, prec) + _dot(qa, S.astype(mm), _NN, prec)  # [C, E]
+    S_next = S + _dot(k, v, TN, prec)
+  o = _dot(p.astype(mm), v, NN, prec) + _dot(qa, S.astype(mm), NN, prec)  # [C, E]
   o_ref[...] = (o * scale).astype(o_ref.dtype)
   state_ref[...] = S_next
 
@@ -387,19 +385,19 @@ def _dq_kernel(*refs, has_decay, has_s0, with_r, scale, prec):
   q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]  # [C, D], [C, D], [C, E], [C, E]
   mm = q.dtype
   S = state_ref[...]  # [D, E] f32
-  dpv = _dot(do, v, _NT, prec)  # [C, C]: do_i . v_j
+  dpv = _dot(do, v, NT, prec)  # [C, C]: do_i . v_j
   if has_decay:
     dec = _Decays(*(_row(x[...], _slot(n), C) for x in a_refs), C)
-    inter = dec.ea * _state_dot(do, S, _NT, mm, prec, with_r)  # [C, D]: e^{a_i} S do_i
-    dq = _dot((dpv * dec.w()).astype(mm), k, _NN, prec) + inter
+    inter = dec.ea * _state_dot(do, S, NT, mm, prec, with_r)  # [C, D]: e^{a_i} S do_i
+    dq = _dot((dpv * dec.w()).astype(mm), k, NN, prec) + inter
     if with_r:
       # rq_i = e^{a_i} q_i^T S dO_i, the state part of q_i . dq_i from f32 values (see the dk/dv kernel for the rest)
       rq = scale * jnp.sum(q.astype(_F32) * inter, axis=1, keepdims=True)  # [C, 1]
       _put_row(rq_ref, _slot(n), _to_row(rq, C), C)
-    state_ref[...] = dec.eA * S + _weighted_dot(k, dec.eb, v, _TN, mm, prec, with_r)
+    state_ref[...] = dec.eA * S + _weighted_dot(k, dec.eb, v, TN, mm, prec, with_r)
   else:
-    dq = _dot(jnp.where(_causal(C), dpv, 0.0).astype(mm), k, _NN, prec) + _dot(do, S.astype(mm), _NT, prec)
-    state_ref[...] = S + _dot(k, v, _TN, prec)
+    dq = _dot(jnp.where(_causal(C), dpv, 0.0).astype(mm), k, NN, prec) + _dot(do, S.astype(mm), NT, prec)
+    state_ref[...] = S + _dot(k, v, TN, prec)
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
@@ -470,14 +468,14 @@ def _dkv_kernel(*refs, has_decay, with_r, scale, n_chunks, rep, prec):
   mm = q.dtype
   dS = ds_ref[r]  # [D, E] f32: cotangent of the state leaving this chunk
   dSm = dS.astype(mm)
-  st = _dot(k, q, _NT, prec)  # [C(j), C(i)]: k_j . q_i (keys on rows)
-  dpvt = _dot(v, do, _NT, prec)  # [C(j), C(i)]: v_j . do_i
+  st = _dot(k, q, NT, prec)  # [C(j), C(i)]: k_j . q_i (keys on rows)
+  dpvt = _dot(v, do, NT, prec)  # [C(j), C(i)]: v_j . do_i
   if has_decay:
     dec = _Decays(*(_row(x[r], _slot(c), C) for x in a_refs), C)
     wt = dec.wt()
     pt, dst = st * wt, dpvt * wt
-    dv_state = _dot(_scaled(k, dec.eb, mm), dSm, _NN, prec)  # e^{A - a_j} k_j^T dS
-    dk_state = dec.eb * _state_dot(v, dS, _NT, mm, prec, with_r)  # e^{A - a_j} dS v_j
+    dv_state = _dot(_scaled(k, dec.eb, mm), dSm, NN, prec)  # e^{A - a_j} k_j^T dS
+    dk_state = dec.eb * _state_dot(v, dS, NT, mm, prec, with_r)  # e^{A - a_j} dS v_j
     if with_r:
       # log-decay terms from f32 values: (q . dq)_intra - (k . dk)_intra - (k . dk)_state, the intra parts being
       # the column / row sums of scale * (k_j . q_i)(v_j . do_i) e^{a_i - a_j} (keys on rows).
@@ -486,15 +484,15 @@ def _dkv_kernel(*refs, has_decay, with_r, scale, n_chunks, rep, prec):
                                                                      keepdims=True)  # [C, 1]
       row = scale * jnp.sum(m, axis=0, keepdims=True) - _to_row(k_terms, C)  # [1, C]
       _put_row(r_ref.at[r], _slot(c), row, C)
-    ds_ref[r] = dec.eA * dS + scale * _weighted_dot(q, dec.ea, do, _TN, mm, prec, with_r)
+    ds_ref[r] = dec.eA * dS + scale * _weighted_dot(q, dec.ea, do, TN, mm, prec, with_r)
   else:
     causal = _causal(C, keys_on_rows=True)
     pt, dst = jnp.where(causal, st, 0.0), jnp.where(causal, dpvt, 0.0)
-    dv_state = _dot(k, dSm, _NN, prec)
-    dk_state = _dot(v, dSm, _NT, prec)
-    ds_ref[r] = dS + scale * _dot(q, do, _TN, prec)
-  dv = scale * _dot(pt.astype(mm), do, _NN, prec) + dv_state  # [C, E]
-  dk = scale * _dot(dst.astype(mm), q, _NN, prec) + dk_state  # [C, D]
+    dv_state = _dot(k, dSm, NN, prec)
+    dk_state = _dot(v, dSm, NT, prec)
+    ds_ref[r] = dS + scale * _dot(q, do, TN, prec)
+  dv = scale * _dot(pt.astype(mm), do, NN, prec) + dv_state  # [C, E]
+  dk = scale * _dot(dst.astype(mm), q, NN, prec) + dk_state  # [C, D]
 
   if rep == 1:
     dk_ref[...] = dk.astype(dk_ref.dtype)

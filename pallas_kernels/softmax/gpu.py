@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -35,23 +34,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.common import LN2, LOG2E, MAX_HEAD_DIM, NN, NT, TN, is_pow2, next_pow2, padded_head_dim
+
 __all__ = ["BlockSizes", "BlockLists", "flash_forward", "flash_backward_dq", "flash_backward_dkv",
            "supported_head_dim", "padded_head_dim"]
-
-LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
-MAX_HEAD_DIM = 256
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_TN = (((0,), (0,)), ((), ()))  # a.T @ b
-_NN = (((1,), (0,)), ((), ()))  # a @ b
-
-
-def _is_pow2(n: int) -> bool:
-  return n >= 1 and n & (n - 1) == 0
-
-
-def _next_pow2(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +69,7 @@ class BlockSizes:
   def __post_init__(self):
     for name in ("block_q", "block_k", "block_q_dq", "block_k_dq", "block_q_dkv", "block_k_dkv"):
       b = getattr(self, name)
-      if not isinstance(b, int) or isinstance(b, bool) or b < 16 or not _is_pow2(b):
+      if not isinstance(b, int) or isinstance(b, bool) or b < 16 or not is_pow2(b):
         raise ValueError(f"gpu BlockSizes.{name} must be a power of two >= 16, got {b!r}")
     for name in ("num_warps", "num_warps_bwd"):
       w = getattr(self, name)
@@ -125,8 +111,8 @@ class BlockSizes:
       d = cls(64, 64, 32, 32, 32, 32, num_stages=2)
     else:
       d = cls(32, 32, 32, 32, 32, 32, num_stages=2, num_stages_bwd=1)
-    fq = lambda b: min(b, max(16, _next_pow2(T)))
-    fk = lambda b: min(b, max(16, _next_pow2(S)))
+    fq = lambda b: min(b, max(16, next_pow2(T)))
+    fk = lambda b: min(b, max(16, next_pow2(S)))
     return dataclasses.replace(d, block_q=fq(d.block_q), block_k=fk(d.block_k), block_q_dq=fq(d.block_q_dq),
                                block_k_dq=fk(d.block_k_dq), block_q_dkv=fq(d.block_q_dkv),
                                block_k_dkv=fk(d.block_k_dkv))
@@ -151,11 +137,6 @@ class BlockLists(NamedTuple):
   tile: jax.Array | None = None
 
 
-def padded_head_dim(d: int) -> int:
-  """The head dim the kernels run with: the next power of two, at least 16 (inputs are zero-padded)."""
-  return max(16, _next_pow2(d))
-
-
 def supported_head_dim(d: int) -> bool:
   return 1 <= d <= MAX_HEAD_DIM
 
@@ -169,7 +150,7 @@ def _dot(a, b, dims):
 
 def _logits(q, k, *, scale, soft_cap):
   """Base-2 logits ``[bq, bk]`` (f32) and ``tanh`` of the capped logits (or None)."""
-  s = _dot(q, k, _NT)
+  s = _dot(q, k, NT)
   if soft_cap is None:
     return s * (scale * LOG2E), None
   t = jnp.tanh(s * (scale / soft_cap))
@@ -254,7 +235,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qid_ref, kid_ref, idx_ref, cnt_ref, tid_ref
     p = jnp.exp2(s - m_safe[:, None])
     l = alpha * l + p.sum(axis=-1)
     v = v_ref[ks, :]
-    acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v, _NN)
+    acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v, NN)
     return acc, m_new, l
 
   init = (jnp.zeros((bq, o_ref.shape[-1]), jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
@@ -352,11 +333,11 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qid_ref, kid_ref
     if keep is not None:
       s = jnp.where(keep, s, -jnp.inf)
     p = jnp.exp2(s - lse2[:, None])
-    dp = _dot(do, v, _NT)
+    dp = _dot(do, v, NT)
     ds = p * (dp - delta[:, None])
     if t is not None:
       ds = ds * (1.0 - t * t)
-    return dq + _dot(ds.astype(k.dtype), k, _NN)
+    return dq + _dot(ds.astype(k.dtype), k, NN)
 
   dq = lax.fori_loop(0, cnt_ref[qb], body, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
@@ -452,12 +433,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qid_ref, kid_re
       if keep is not None:
         s = jnp.where(keep, s, -jnp.inf)
       p = jnp.exp2(s - lse2[:, None])  # [bq, bk]
-      dv = dv + _dot(p.astype(do.dtype), do, _TN)
-      dp = _dot(do, v, _NT)
+      dv = dv + _dot(p.astype(do.dtype), do, TN)
+      dp = _dot(do, v, NT)
       ds = p * (dp - delta[:, None])
       if t is not None:
         ds = ds * (1.0 - t * t)
-      dk = dk + _dot(ds.astype(q.dtype), q, _TN)
+      dk = dk + _dot(ds.astype(q.dtype), q, TN)
       return dk, dv
 
     return lax.fori_loop(0, cnt_ref[lr, kb], body, carry)

@@ -46,12 +46,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.common import NT
+
 NUM_LANES = 128
 NUM_SUBLANES = 8
 DEFAULT_BLOCK = 512
 
 _F32 = jnp.float32
-_NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
 
 
 # ------------------------------------------------------------------------------------------------ block sizes
@@ -391,7 +392,7 @@ def _fwd_kernel(*refs, geom: _Geom, has_seg: bool, has_tiles: bool, kv_len: int,
   ctl = _Control(pref, geom.slot(b, h, i, j), geom.row(b, h, i), bk, kv_len)
 
   def step(masked: bool):
-    s = lax.dot_general(q_ref[...], k_ref[...], _NT, preferred_element_type=_F32, precision=prec) * scale  # [bq, bk]
+    s = lax.dot_general(q_ref[...], k_ref[...], NT, preferred_element_type=_F32, precision=prec) * scale  # [bq, bk]
     s, _ = _logits(s, cap)
     keep = ctl.keep(masked, s.shape, tile_ref, seg)
     if keep is not None:
@@ -514,13 +515,13 @@ def _dq_kernel(*refs, geom: _Geom, has_seg: bool, has_tiles: bool, kv_len: int, 
 
   def step(masked: bool):
     k, v = k_ref[...], v_ref[...]
-    s = lax.dot_general(q_ref[...], k, _NT, preferred_element_type=_F32, precision=prec) * scale  # [bq, bk]
+    s = lax.dot_general(q_ref[...], k, NT, preferred_element_type=_F32, precision=prec) * scale  # [bq, bk]
     s, t = _logits(s, cap)
     keep = ctl.keep(masked, s.shape, tile_ref, seg)
     if keep is not None:
       s = jnp.where(keep, s, -jnp.inf)
     p = jnp.exp(s - _lanes(lse_ref[...], bk))
-    dp = lax.dot_general(do_ref[...], v, _NT, preferred_element_type=_F32, precision=prec)  # [bq, bk]
+    dp = lax.dot_general(do_ref[...], v, NT, preferred_element_type=_F32, precision=prec)  # [bq, bk]
     ds = p * (dp - _lanes(delta_ref[...], bk))
     if t is not None:
       ds = ds * (1.0 - t * t)
@@ -617,7 +618,7 @@ def _dkv_kernel(*refs, geom: _Geom, R: int, has_seg: bool, has_tiles: bool, scal
   def step(masked: bool):
     # Transposed orientation ([bk, bq]: keys on sublanes) so dk/dv are plain (bk, bq) @ (bq, F) products.
     q, do = q_ref[...], do_ref[...]
-    st = lax.dot_general(k_ref[...], q, _NT, preferred_element_type=_F32, precision=prec) * scale  # [bk, bq]
+    st = lax.dot_general(k_ref[...], q, NT, preferred_element_type=_F32, precision=prec) * scale  # [bk, bq]
     st, t = _logits(st, cap)
     keep = None
     if masked:
@@ -629,7 +630,7 @@ def _dkv_kernel(*refs, geom: _Geom, R: int, has_seg: bool, has_tiles: bool, scal
       st = jnp.where(keep, st, -jnp.inf)
     pt = jnp.exp(st - lse_ref[:1, :])
     dv_scr[...] += jnp.dot(pt.astype(do.dtype), do, preferred_element_type=_F32, precision=prec)
-    dpt = lax.dot_general(v_ref[...], do, _NT, preferred_element_type=_F32, precision=prec)  # [bk, bq]
+    dpt = lax.dot_general(v_ref[...], do, NT, preferred_element_type=_F32, precision=prec)  # [bk, bq]
     dst = pt * (dpt - delta_ref[:1, :])
     if t is not None:
       dst = dst * (1.0 - t * t)
