@@ -33,15 +33,11 @@ from flax import nnx
 from jax import lax
 
 from jaxattn.masks import Causal, Full, Local, Mask
+from jaxattn.nn._checks import head_layout, positive_int
 from jaxattn.nn.rope import apply_rope
 from jaxattn.ops.softmax.api import softmax_attention
 
 __all__ = ["MultiHeadAttention"]
-
-def _check_positive_int(name: str, value) -> int:
-  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-    raise ValueError(f"{name} must be a positive int, got {value!r}")
-  return int(value)
 
 
 def _decode_band(mask: Mask | None) -> tuple[int | None, int]:
@@ -108,19 +104,9 @@ class MultiHeadAttention(nnx.Module):
                scale: float | None = None, logits_soft_cap: float | None = None,
                implementation: str | Sequence[str] | None = None, dtype=None, param_dtype=jnp.float32,
                use_bias: bool = False, precision=None, rngs: nnx.Rngs):
-    self.num_heads = _check_positive_int("num_heads", num_heads)
-    self.in_features = _check_positive_int("in_features", in_features)
-    self.num_kv_heads = _check_positive_int("num_kv_heads", num_heads if num_kv_heads is None else num_kv_heads)
-    if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
-    if head_dim is None:
-      if self.in_features % self.num_heads:
-        raise ValueError(f"in_features ({self.in_features}) is not divisible by num_heads ({self.num_heads}); "
-                         f"pass head_dim explicitly")
-      head_dim = self.in_features // self.num_heads
-    self.head_dim = _check_positive_int("head_dim", head_dim)
-    self.out_features = _check_positive_int("out_features", in_features if out_features is None else out_features)
-    self.in_kv_features = _check_positive_int(
+    self.num_heads, self.in_features, self.num_kv_heads, self.head_dim, self.out_features = head_layout(
+        num_heads, in_features, num_kv_heads, head_dim, out_features)
+    self.in_kv_features = positive_int(
         "in_kv_features", in_features if in_kv_features is None else in_kv_features)
     if use_rope and self.head_dim % 2:
       raise ValueError(f"use_rope needs an even head_dim, got {self.head_dim}")
@@ -166,8 +152,8 @@ class MultiHeadAttention(nnx.Module):
     Creates ``cached_key [B, L, G, D]``, ``cached_value [B, L, G, D]`` and ``cache_index`` (int32 scalar, 0), all
     ``nnx.Cache`` variables. Calling it again resets the cache.
     """
-    B = _check_positive_int("batch_size", batch_size)
-    L = _check_positive_int("max_length", max_length)
+    B = positive_int("batch_size", batch_size)
+    L = positive_int("max_length", max_length)
     dtype = dtype or self.dtype or self.param_dtype
     shape = (B, L, self.num_kv_heads, self.head_dim)
     self.cached_key = nnx.Cache(jnp.zeros(shape, dtype))

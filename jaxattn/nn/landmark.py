@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxattn.nn._checks import head_layout, positive_int
 from jaxattn.nn.rope import apply_rope
 from jaxattn.ops.landmark.api import landmark_attention
 from jaxattn.ops.landmark.retrieval import (POSITION_MODES, RETRIEVAL_MODES, LandmarkCache,
@@ -38,12 +39,6 @@ from jaxattn.ops.landmark.retrieval import (POSITION_MODES, RETRIEVAL_MODES, Lan
 __all__ = ["LandmarkAttention"]
 
 _CACHE_FIELDS = LandmarkCache._fields
-
-
-def _positive_int(name: str, value) -> int:
-  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-    raise ValueError(f"{name} must be a positive int, got {value!r}")
-  return int(value)
 
 
 class LandmarkAttention(nnx.Module):
@@ -81,18 +76,8 @@ class LandmarkAttention(nnx.Module):
                implementation: str | Sequence[str] | None = None, top_k: int = 4,
                retrieval_mode: str = "per_token_and_head", positions: str = "stingy", dtype=None,
                param_dtype=jnp.float32, use_bias: bool = False, precision=None, rngs: nnx.Rngs):
-    self.num_heads = _positive_int("num_heads", num_heads)
-    self.in_features = _positive_int("in_features", in_features)
-    self.num_kv_heads = _positive_int("num_kv_heads", num_heads if num_kv_heads is None else num_kv_heads)
-    if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
-    if head_dim is None:
-      if self.in_features % self.num_heads:
-        raise ValueError(f"in_features ({self.in_features}) is not divisible by num_heads ({self.num_heads}); "
-                         f"pass head_dim explicitly")
-      head_dim = self.in_features // self.num_heads
-    self.head_dim = _positive_int("head_dim", head_dim)
-    self.out_features = _positive_int("out_features", in_features if out_features is None else out_features)
+    self.num_heads, self.in_features, self.num_kv_heads, self.head_dim, self.out_features = head_layout(
+        num_heads, in_features, num_kv_heads, head_dim, out_features)
     if not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool) or block_size < 2:
       raise ValueError(f"block_size must be an int >= 2, got {block_size!r}")
     if use_rope and self.head_dim % 2:
@@ -134,7 +119,7 @@ class LandmarkAttention(nnx.Module):
       mem_blocks: ring-buffer capacity ``M`` in blocks (older blocks are overwritten).
       dtype: cache dtype (default: the module's ``dtype``, else ``param_dtype``).
     """
-    cache = LandmarkCache.create(_positive_int("batch_size", batch_size), _positive_int("mem_blocks", mem_blocks),
+    cache = LandmarkCache.create(positive_int("batch_size", batch_size), positive_int("mem_blocks", mem_blocks),
                                  self.block_size, self.num_kv_heads, self.head_dim,
                                  dtype=dtype or self.dtype or self.param_dtype)
     for name, value in zip(_CACHE_FIELDS, cache):

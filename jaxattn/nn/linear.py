@@ -36,9 +36,9 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from jaxattn.nn._checks import head_layout, positive_int
 from jaxattn.ops.linear.api import linear_attention, linear_attention_step
 
 __all__ = ["LinearAttention", "RandomFeatures", "PATTERNS", "SUPPORTED_PATTERNS", "orthogonal_random_features"]
@@ -68,12 +68,6 @@ def orthogonal_random_features(key, num_features: int, dim: int) -> jax.Array:
   w = jnp.concatenate(blocks, axis=0)[:num_features]  # [m, D], orthonormal rows within each block
   norms = jnp.linalg.norm(jax.random.normal(keys[-1], (num_features, dim), jnp.float32), axis=-1)
   return w * norms[:, None]
-
-
-def _check_positive_int(name: str, value) -> int:
-  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-    raise ValueError(f"{name} must be a positive int, got {value!r}")
-  return int(value)
 
 
 class LinearAttention(nnx.Module):
@@ -114,19 +108,9 @@ class LinearAttention(nnx.Module):
     if self.causal and "CS" not in SUPPORTED_PATTERNS[feature_map] and "CC" not in SUPPORTED_PATTERNS[feature_map]:
       raise ValueError(f"feature_map {feature_map!r} supports the CAB patterns "
                        f"{sorted(SUPPORTED_PATTERNS[feature_map])} only, so causal=True is not available")
-    self.num_heads = _check_positive_int("num_heads", num_heads)
-    self.in_features = _check_positive_int("in_features", in_features)
-    self.num_kv_heads = _check_positive_int("num_kv_heads", num_kv_heads or num_heads)
-    if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
-    if head_dim is None:
-      if self.in_features % self.num_heads:
-        raise ValueError(f"in_features ({self.in_features}) is not divisible by num_heads ({self.num_heads}); "
-                         f"pass head_dim explicitly")
-      head_dim = self.in_features // self.num_heads
-    self.head_dim = _check_positive_int("head_dim", head_dim)
-    self.out_features = _check_positive_int("out_features", out_features or in_features)
-    self.in_kv_features = _check_positive_int("in_kv_features", in_kv_features or in_features)
+    self.num_heads, self.in_features, self.num_kv_heads, self.head_dim, self.out_features = head_layout(
+        num_heads, in_features, num_kv_heads or num_heads, head_dim, out_features or in_features)
+    self.in_kv_features = positive_int("in_kv_features", in_kv_features or in_features)
     self.eps = float(_DEFAULT_EPS[feature_map] if eps is None else eps)
     if not self.eps > 0:
       raise ValueError(f"eps must be positive, got {eps!r}")
@@ -142,7 +126,7 @@ class LinearAttention(nnx.Module):
     self.value = nnx.LinearGeneral(self.in_kv_features, (G, D), **common)  # kernel [Fkv, G, D]
     self.out = nnx.LinearGeneral((H, D), self.out_features, axis=(-2, -1), **common)  # kernel [H, D, Fout]
     if feature_map == "performer":
-      m = _check_positive_int("num_random_features", num_random_features or D)
+      m = positive_int("num_random_features", num_random_features or D)
       self.random_features = RandomFeatures(orthogonal_random_features(rngs.params(), m, D))  # [m, D]
     else:
       self.random_features = None
@@ -186,7 +170,7 @@ class LinearAttention(nnx.Module):
     if not self.causal or "CS" not in self.supported_patterns:
       raise ValueError(f"decoding needs causal self-attention; this module is causal={self.causal} with "
                        f"feature_map {self.feature_map!r}")
-    B = _check_positive_int("batch_size", batch_size)
+    B = positive_int("batch_size", batch_size)
     d_feat = {"cosformer": 2 * self.head_dim, "performer": None}.get(self.feature_map, self.head_dim)
     if d_feat is None:
       d_feat = self.random_features.shape[0]

@@ -33,18 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxattn.nn._checks import positive_int
 from jaxattn.ops.linear.api import linear_attention, linear_attention_step
 
 __all__ = [
     "srms_norm", "SRMSNorm", "SGLU", "LRPE", "tnl_decay_slopes", "GatedLinearAttention", "TransNormerBlock",
     "TransNormerLM",
 ]
-
-
-def _check_positive_int(name: str, value) -> int:
-  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-    raise ValueError(f"{name} must be a positive int, got {value!r}")
-  return int(value)
 
 
 # ------------------------------------------------------------------------------------------------------ norms
@@ -83,8 +78,8 @@ class SGLU(nnx.Module):
 
   def __init__(self, features: int, hidden_features: int, *, dtype=None, param_dtype=jnp.float32, precision=None,
                rngs: nnx.Rngs):
-    features = _check_positive_int("features", features)
-    hidden_features = _check_positive_int("hidden_features", hidden_features)
+    features = positive_int("features", features)
+    hidden_features = positive_int("hidden_features", hidden_features)
     common = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
     self.v_proj = nnx.Linear(features, hidden_features, **common)  # kernel [F, Fh]
     self.u_proj = nnx.Linear(features, hidden_features, **common)  # kernel [F, Fh]
@@ -106,8 +101,8 @@ class LRPE(nnx.Module):
   """
 
   def __init__(self, num_heads: int, head_dim: int, *, param_dtype=jnp.float32):
-    H = _check_positive_int("num_heads", num_heads)
-    d = _check_positive_int("head_dim", head_dim)
+    H = positive_int("num_heads", num_heads)
+    d = positive_int("head_dim", head_dim)
     j = np.arange(H * d, dtype=np.float64)
     self.theta = nnx.Param(jnp.asarray((10000.0 ** (-2.0 * j / (H * d))).reshape(H, d), param_dtype))  # [H, d]
 
@@ -140,8 +135,8 @@ def tnl_decay_slopes(num_heads: int, layer_idx: int, num_layers: int, rule: str 
   Returns:
     float64 numpy ``[H]`` (static: the decay is not learned; learnable decays gave NaNs in the paper).
   """
-  H = _check_positive_int("num_heads", num_heads)
-  L = _check_positive_int("num_layers", num_layers)
+  H = positive_int("num_heads", num_heads)
+  L = positive_int("num_layers", num_layers)
   if not isinstance(layer_idx, (int, np.integer)) or isinstance(layer_idx, bool) or not 0 <= layer_idx < L:
     raise ValueError(f"layer_idx must be an int in [0, {L}), got {layer_idx!r}")
   if rule == "code":
@@ -183,9 +178,9 @@ class GatedLinearAttention(nnx.Module):
                num_layers: int = 1, use_lrpe: bool | None = None, decay_rule: str = "code",
                implementation: str | Sequence[str] | None = None, chunk_size: int | None = None, dtype=None,
                param_dtype=jnp.float32, precision=None, rngs: nnx.Rngs):
-    self.features = _check_positive_int("features", features)
-    self.num_heads = _check_positive_int("num_heads", num_heads)
-    self.hidden_features = _check_positive_int("hidden_features", hidden_features or features)
+    self.features = positive_int("features", features)
+    self.num_heads = positive_int("num_heads", num_heads)
+    self.hidden_features = positive_int("hidden_features", hidden_features or features)
     if self.hidden_features % self.num_heads:
       raise ValueError(f"hidden_features ({self.hidden_features}) must be a multiple of num_heads "
                        f"({self.num_heads})")
@@ -214,7 +209,7 @@ class GatedLinearAttention(nnx.Module):
 
   def init_cache(self, batch_size: int) -> None:
     """Creates (or resets) the decode cache: ``state`` f32 ``[B, H, d_qk, d]`` and ``position`` (int32 0)."""
-    B = _check_positive_int("batch_size", batch_size)
+    B = positive_int("batch_size", batch_size)
     self.state = nnx.Cache(jnp.zeros((B, self.num_heads, self.qk_dim, self.head_dim), jnp.float32))
     self.position = nnx.Cache(jnp.zeros((), jnp.int32))
 
@@ -276,7 +271,7 @@ class TransNormerBlock(nnx.Module):
                num_layers: int = 1, use_lrpe: bool | None = None, decay_rule: str = "code",
                hidden_features: int | None = None, implementation=None, chunk_size: int | None = None,
                eps: float = 1e-6, dtype=None, param_dtype=jnp.float32, precision=None, rngs: nnx.Rngs):
-    features = _check_positive_int("features", features)
+    features = positive_int("features", features)
     glu_features = glu_features or -(-(8 * features // 3) // 8) * 8
     self.token_norm = SRMSNorm(eps)
     self.token_mixer = GatedLinearAttention(
@@ -319,9 +314,9 @@ class TransNormerLM(nnx.Module):
                glu_features: int | None = None, lrpe_layers: Sequence[int] = (0,), decay_rule: str = "code",
                tie_embeddings: bool = True, implementation=None, chunk_size: int | None = None, eps: float = 1e-6,
                dtype=None, param_dtype=jnp.float32, precision=None, rngs: nnx.Rngs):
-    self.vocab_size = _check_positive_int("vocab_size", vocab_size)
-    self.features = _check_positive_int("features", features)
-    self.num_layers = _check_positive_int("num_layers", num_layers)
+    self.vocab_size = positive_int("vocab_size", vocab_size)
+    self.features = positive_int("features", features)
+    self.num_layers = positive_int("num_layers", num_layers)
     bad = [l for l in lrpe_layers if not 0 <= l < self.num_layers]
     if bad:
       raise ValueError(f"lrpe_layers {tuple(lrpe_layers)} has layers outside [0, {self.num_layers}): {bad}")

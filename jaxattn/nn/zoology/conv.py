@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxattn.nn.zoology.mixers import Mixer, check_positive_int, check_x
+from jaxattn.nn._checks import positive_int
+from jaxattn.nn.zoology.mixers import Mixer, check_x
 
 __all__ = ["ShortConv", "ImplicitFilter", "LongConv", "BaseConv", "fft_causal_conv"]
 
@@ -51,8 +52,8 @@ class ShortConv(Mixer):
   """
 
   def __init__(self, d_model: int, kernel_size: int = 3, *, rngs: nnx.Rngs):
-    self.d_model = check_positive_int("d_model", d_model)
-    self.kernel_size = check_positive_int("kernel_size", kernel_size)
+    self.d_model = positive_int("d_model", d_model)
+    self.kernel_size = positive_int("kernel_size", kernel_size)
     bound = 1.0 / math.sqrt(self.kernel_size)
     self.weight = nnx.Param(jax.random.uniform(rngs.params(), (self.kernel_size, self.d_model), jnp.float32,
                                                -bound, bound))  # [k, D]
@@ -103,13 +104,13 @@ class ImplicitFilter(nnx.Module):
 
   def __init__(self, d_model: int, seq_len: int, *, emb_dim: int = 3, order: int = 16, num_inner: int = 2,
                rngs: nnx.Rngs):
-    self.d_model = check_positive_int("d_model", d_model)
-    self.seq_len = check_positive_int("seq_len", seq_len)
-    emb_dim = check_positive_int("emb_dim", emb_dim)
+    self.d_model = positive_int("d_model", d_model)
+    self.seq_len = positive_int("seq_len", seq_len)
+    emb_dim = positive_int("emb_dim", emb_dim)
     if emb_dim < 3 or emb_dim % 2 == 0:
       raise ValueError(f"emb_dim must be odd and at least 3 (time, cosine and sine), got {emb_dim}")
     self.emb_dim = emb_dim
-    order = check_positive_int("order", order)
+    order = positive_int("order", order)
     self.act = _Sin(order)
     self.first = nnx.Linear(emb_dim, order, rngs=rngs)
     self.inner = nnx.List([nnx.Linear(order, order, rngs=rngs) for _ in range(num_inner)])
@@ -146,8 +147,8 @@ class LongConv(Mixer):
   """
 
   def __init__(self, d_model: int, seq_len: int, *, rngs: nnx.Rngs, **filter_kwargs):
-    self.d_model = check_positive_int("d_model", d_model)
-    self.seq_len = check_positive_int("seq_len", seq_len)
+    self.d_model = positive_int("d_model", d_model)
+    self.seq_len = positive_int("seq_len", seq_len)
     self.filter = ImplicitFilter(d_model, seq_len, rngs=rngs, **filter_kwargs)
 
   def __call__(self, x, *, train: bool = False):
@@ -175,7 +176,7 @@ class BaseConv(Mixer):
   """
 
   def __init__(self, d_model: int, kernel_size: int = 3, *, seq_len: int | None = None, rngs: nnx.Rngs):
-    self.d_model = check_positive_int("d_model", d_model)
+    self.d_model = positive_int("d_model", d_model)
     if kernel_size == -1:
       if seq_len is None:
         raise ValueError("BaseConv with kernel_size=-1 (long convolution) needs seq_len")

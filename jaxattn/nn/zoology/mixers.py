@@ -24,10 +24,10 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jaxattn import masks as masks_lib
+from jaxattn.nn._checks import positive_int
 from jaxattn.nn.attention import MultiHeadAttention
 from jaxattn.nn.transnormer import GatedLinearAttention
 from jaxattn.ops.linear.api import linear_attention
@@ -37,12 +37,6 @@ __all__ = [
     "Mixer", "SoftmaxAttention", "DecayedLinearAttention", "TaylorLinearAttention", "taylor_features",
     "SigmoidSelectiveAttention", "Sequential",
 ]
-
-
-def check_positive_int(name: str, value) -> int:
-  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-    raise ValueError(f"{name} must be a positive int, got {value!r}")
-  return int(value)
 
 
 def check_x(x, d_model: int):
@@ -83,9 +77,9 @@ class SoftmaxAttention(Mixer):
 
   def __init__(self, d_model: int, num_heads: int = 1, *, window: int | None = None, implementation=None,
                rngs: nnx.Rngs):
-    self.d_model = check_positive_int("d_model", d_model)
+    self.d_model = positive_int("d_model", d_model)
     if window is not None:
-      window = check_positive_int("window", window)
+      window = positive_int("window", window)
     self.window = window
     mask = masks_lib.Causal() if window is None else masks_lib.sliding_window(window, causal=True)
     self.attn = MultiHeadAttention(num_heads, self.d_model, use_bias=True, mask=mask, implementation=implementation,
@@ -114,7 +108,7 @@ class DecayedLinearAttention(Mixer):
 
   def __init__(self, d_model: int, num_heads: int = 1, *, layer_idx: int = 0, num_layers: int = 1,
                implementation=None, rngs: nnx.Rngs):
-    self.d_model = check_positive_int("d_model", d_model)
+    self.d_model = positive_int("d_model", d_model)
     self.attn = GatedLinearAttention(self.d_model, num_heads, layer_idx=layer_idx, num_layers=num_layers,
                                      implementation=implementation, rngs=rngs)
 
@@ -164,9 +158,9 @@ class TaylorLinearAttention(Mixer):
 
   def __init__(self, d_model: int, feature_dim: int = 8, num_heads: int = 1, *, eps: float = 1e-12,
                implementation=None, rngs: nnx.Rngs):
-    self.d_model = check_positive_int("d_model", d_model)
-    self.feature_dim = check_positive_int("feature_dim", feature_dim)
-    self.num_heads = check_positive_int("num_heads", num_heads)
+    self.d_model = positive_int("d_model", d_model)
+    self.feature_dim = positive_int("feature_dim", feature_dim)
+    self.num_heads = positive_int("num_heads", num_heads)
     if self.d_model % self.num_heads:
       raise ValueError(f"d_model ({self.d_model}) must be a multiple of num_heads ({self.num_heads})")
     self.head_dim = self.d_model // self.num_heads
@@ -223,14 +217,14 @@ class SigmoidSelectiveAttention(Mixer):
 
   def __init__(self, d_model: int, num_heads: int = 1, *, selection_penalty: float = 1e-3,
                n_lookups: int | None = None, implementation=None, rngs: nnx.Rngs):
-    self.d_model = check_positive_int("d_model", d_model)
-    self.num_heads = check_positive_int("num_heads", num_heads)
+    self.d_model = positive_int("d_model", d_model)
+    self.num_heads = positive_int("num_heads", num_heads)
     if self.d_model % self.num_heads:
       raise ValueError(f"d_model ({self.d_model}) must be a multiple of num_heads ({self.num_heads})")
     if not (isinstance(selection_penalty, (int, float)) and selection_penalty >= 0):
       raise ValueError(f"selection_penalty must be a non-negative float, got {selection_penalty!r}")
     self.selection_penalty = float(selection_penalty)
-    self.n_lookups = None if n_lookups is None else check_positive_int("n_lookups", n_lookups)
+    self.n_lookups = None if n_lookups is None else positive_int("n_lookups", n_lookups)
     self.implementation = implementation
     self.head_dim = self.d_model // self.num_heads
     self.qkv = nnx.Linear(self.d_model, 3 * self.d_model, rngs=rngs)  # kernel [D, 3 D]

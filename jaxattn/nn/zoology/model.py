@@ -43,9 +43,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxattn.nn._checks import positive_int
 from jaxattn.nn.zoology.conv import BaseConv
 from jaxattn.nn.zoology.mixers import (DecayedLinearAttention, Mixer, Sequential, SigmoidSelectiveAttention,
-                                       SoftmaxAttention, TaylorLinearAttention, check_positive_int)
+                                       SoftmaxAttention, TaylorLinearAttention)
 
 __all__ = ["ZooLM", "MIXERS", "make_mixer", "zoology_init"]
 
@@ -154,10 +155,10 @@ class ZooLM(nnx.Module):
   def __init__(self, vocab_size: int, d_model: int, seq_len: int, mixer: str = "attention", *, num_layers: int = 2,
                learned_positions: bool | None = None, embed_dropout: float = 0.0, resid_dropout: float = 0.0,
                init_std: float = 0.02, layer_norm_eps: float = 1e-5, rngs: nnx.Rngs, **mixer_kwargs):
-    self.vocab_size = check_positive_int("vocab_size", vocab_size)
-    self.d_model = check_positive_int("d_model", d_model)
-    self.seq_len = check_positive_int("seq_len", seq_len)
-    self.num_layers = check_positive_int("num_layers", num_layers)
+    self.vocab_size = positive_int("vocab_size", vocab_size)
+    self.d_model = positive_int("d_model", d_model)
+    self.seq_len = positive_int("seq_len", seq_len)
+    self.num_layers = positive_int("num_layers", num_layers)
     if mixer not in MIXERS:
       raise ValueError(f"unknown mixer {mixer!r}; choose one of {MIXERS}")
     for name, rate in (("embed_dropout", embed_dropout), ("resid_dropout", resid_dropout)):
