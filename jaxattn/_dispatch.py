@@ -49,3 +49,21 @@ def dispatch(op: str, registry: Mapping[str, Callable], implementation: str | Se
         raise
       errors.append(f"{impl}: {e}")
   raise NotImplementedError(f"{op}: no implementation in {chain} serves this call:\n  " + "\n  ".join(errors))
+
+
+def pallas_interpret(kernel: str):
+  """The ``interpret`` argument for a Pallas kernel family on this platform.
+
+  ``"pallas_tpu"``: False on TPU, ``pltpu.InterpretParams()`` (TPU interpret mode) on CPU. ``"pallas_gpu"``: False
+  on GPU, True on CPU. Any other platform raises ``NotImplementedError`` (so dispatch falls through).
+  """
+  own = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}[kernel]
+  p = platform()
+  if p == own:
+    return False
+  if p == "cpu":
+    if kernel == "pallas_tpu":
+      from jax.experimental.pallas import tpu as pltpu
+      return pltpu.InterpretParams()
+    return True
+  raise NotImplementedError(f"{kernel} runs on {own.upper()} (or in interpret mode on CPU), not on {p!r}")

@@ -34,9 +34,7 @@ class _Static:
 
 def landmark_attention_pallas_gpu(q, k, v, cfg: LandmarkConfig):
   """The Pallas GPU kernels (interpret mode on CPU); see the module docstring for what is supported."""
-  platform = _dispatch.platform()
-  if platform not in ("gpu", "cpu"):
-    raise NotImplementedError(f"pallas_gpu runs on GPU (or CPU in interpret mode), not on {platform}")
+  interpret = _dispatch.pallas_interpret("pallas_gpu")
   D, E = q.shape[-1], v.shape[-1]
   if max(D, E) > gpu.MAX_HEAD_DIM:
     raise NotImplementedError(f"pallas_gpu supports head dims up to {gpu.MAX_HEAD_DIM}, got D={D}, E={E}")
@@ -48,7 +46,7 @@ def landmark_attention_pallas_gpu(q, k, v, cfg: LandmarkConfig):
     gpu.check_blocks(cfg.block_size, block_q)
   except ValueError as e:
     raise NotImplementedError(f"pallas_gpu: {e}") from None
-  return _attention(q, k, v, _Static(cfg, block_q, interpret=platform == "cpu"))
+  return _attention(q, k, v, _Static(cfg, block_q, interpret=interpret))
 
 
 def _common(st: _Static):

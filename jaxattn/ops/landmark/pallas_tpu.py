@@ -18,7 +18,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas import tpu as pltpu
 
 from jaxattn import _dispatch
 from jaxattn.ops.landmark.config import LandmarkConfig
@@ -36,13 +35,7 @@ class _Static:
 
 def landmark_attention_pallas_tpu(q, k, v, cfg: LandmarkConfig):
   """The Pallas TPU kernels (TPU interpret mode on CPU); see the module docstring for what is supported."""
-  platform = _dispatch.platform()
-  if platform == "tpu":
-    interpret = False
-  elif platform == "cpu":
-    interpret = pltpu.InterpretParams()
-  else:
-    raise NotImplementedError(f"pallas_tpu runs on TPU (or in interpret mode on CPU), not on {platform!r}")
+  interpret = _dispatch.pallas_interpret("pallas_tpu")
   bs = cfg.block_size
   block_q = cfg.block_q or max(bs, _DEFAULT_BLOCK_Q // bs * bs)
   block_q = min(block_q, -(-cfg.T // bs) * bs)  # no more than the (block-rounded) sequence

@@ -66,12 +66,10 @@ def linear_attention_pallas_gpu(q, k, v, log_decay, initial_state, cfg: LinearCo
   """
   if not cfg.causal:
     raise NotImplementedError("pallas_gpu has no kernel for causal=False (the xla path is two matmuls)")
-  platform = _dispatch.platform()
-  if platform not in ("gpu", "cpu"):
-    raise NotImplementedError(f"pallas_gpu runs on GPU (or CPU in interpret mode), not on {platform}")
+  interpret = _dispatch.pallas_interpret("pallas_gpu")
   D, E = q.shape[-1], v.shape[-1]
   if max(D, E) > gpu.MAX_HEAD_DIM:
     raise NotImplementedError(f"pallas_gpu supports head dims up to {gpu.MAX_HEAD_DIM}, got D={D}, E={E}")
   kernels = GpuKernels(scale=cfg.scale, blocks=block_sizes(q.shape[1], D, E, cfg.chunk_size),
-                       interpret=platform == "cpu")
+                       interpret=interpret)
   return linear_attention_kernels(q, k, v, log_decay, initial_state, kernels)

@@ -74,14 +74,7 @@ def linear_attention_pallas_tpu(q, k, v, log_decay, initial_state, cfg: LinearCo
   """
   if not cfg.causal:
     raise NotImplementedError("pallas_tpu has no kernel for causal=False (the xla path is two matmuls)")
-  platform = _dispatch.platform()
-  if platform == "tpu":
-    interpret = False
-  elif platform == "cpu":
-    from jax.experimental.pallas import tpu as pltpu
-    interpret = pltpu.InterpretParams()
-  else:
-    raise NotImplementedError(f"pallas_tpu runs on TPU (or in interpret mode on CPU), not on {platform!r}")
+  interpret = _dispatch.pallas_interpret("pallas_tpu")
   if q.dtype == jnp.float16:
     raise NotImplementedError("pallas_tpu takes float32 or bfloat16 inputs, not float16")
   kernels = TpuKernels(scale=cfg.scale, chunk=chunk_for(q.shape[1], q.dtype, cfg.chunk_size), interpret=interpret)

@@ -57,24 +57,23 @@ def gpu_block_sizes(cfg: AttentionConfig, head_dim: int = 128, itemsize: int = 2
     raise NotImplementedError(f"pallas_gpu cannot use {b}: {e}") from None
 
 
-def _check_call(q, v) -> str:
-  """The platform, after refusing (``NotImplementedError``) the platforms and head dims the kernels lack."""
-  platform = _dispatch.platform()
-  if platform not in ("gpu", "cpu"):
-    raise NotImplementedError(f"pallas_gpu runs on GPU (or CPU in interpret mode), not on {platform}")
+def _check_call(q, v) -> bool:
+  """The kernels' ``interpret`` flag, after refusing (``NotImplementedError``) the platforms and head dims the
+  kernels lack."""
+  interpret = _dispatch.pallas_interpret("pallas_gpu")
   D, E = q.shape[-1], v.shape[-1]
   if not (gpu.supported_head_dim(D) and gpu.supported_head_dim(E)):
     raise NotImplementedError(f"pallas_gpu supports head dims up to {gpu.MAX_HEAD_DIM}, got D={D}, E={E}")
-  return platform
+  return interpret
 
 
 def softmax_attention_pallas_gpu(q, k, v, bias, q_ids, kv_ids, cfg: AttentionConfig):
   """Pallas GPU kernels (interpret mode on CPU). See the module docstring for what is supported."""
   if bias is not None:
     raise NotImplementedError("pallas_gpu does not support bias")
-  platform = _check_call(q, v)
+  interpret = _check_call(q, v)
   D, E = q.shape[-1], v.shape[-1]
-  st = _Static(cfg, gpu_block_sizes(cfg, max(D, E), jnp.dtype(q.dtype).itemsize), interpret=platform == "cpu")
+  st = _Static(cfg, gpu_block_sizes(cfg, max(D, E), jnp.dtype(q.dtype).itemsize), interpret=interpret)
   return _attention(q, k, v, q_ids, kv_ids, st)
 
 
@@ -86,14 +85,14 @@ def block_sparse_static(q, k, v, block_q: int, block_k: int, scale: float) -> _S
     NotImplementedError: a platform or head dim the kernels lack, or list block sizes that are not powers of
       two >= 16 (the caller then falls back to another implementation).
   """
-  platform = _check_call(q, v)
+  interpret = _check_call(q, v)
   try:
     blocks = gpu.BlockSizes(block_q=block_q, block_k=block_k, block_q_dq=block_q, block_k_dq=block_k,
                             block_q_dkv=block_q, block_k_dkv=block_k)
   except ValueError as e:
     raise NotImplementedError(f"pallas_gpu cannot run lists of {block_q} x {block_k} blocks: {e}") from None
   cfg = AttentionConfig(T=q.shape[1], S=k.shape[1], scale=float(scale))
-  return _Static(cfg, blocks, interpret=platform == "cpu")
+  return _Static(cfg, blocks, interpret=interpret)
 
 
 def block_sparse_attention_lists(q, k, v, lists, lists_t, tiles, st: _Static):

@@ -28,7 +28,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.pallas import tpu as pltpu
 
 from jaxattn import _dispatch
 from jaxattn.masks import Mask
@@ -76,19 +75,10 @@ def softmax_attention_pallas_tpu(q, k, v, bias, q_ids, kv_ids, cfg: AttentionCon
   """
   if bias is not None:
     raise NotImplementedError("pallas_tpu does not support bias")
-  interpret = _interpret()
+  interpret = _dispatch.pallas_interpret("pallas_tpu")
   st = _Static(cfg, block_sizes(cfg.block_sizes, cfg.T, cfg.S), interpret)
   return _attention(q, k, v, q_ids, kv_ids, st)
 
-
-def _interpret():
-  """False on TPU, interpret params on CPU; ``NotImplementedError`` on other platforms."""
-  platform = _dispatch.platform()
-  if platform == "tpu":
-    return False
-  if platform == "cpu":
-    return pltpu.InterpretParams()
-  raise NotImplementedError(f"pallas_tpu runs on TPU (or in interpret mode on CPU), not on {platform!r}")
 
 
 # ------------------------------------------------------------------------------------------ dynamic block lists
@@ -102,7 +92,7 @@ def block_sparse_static(q, k, v, block_q: int, block_k: int, scale: float) -> _S
       in one of the kernels (``block_k``: multiple of 128 unless it covers S; ``block_q``: multiple of 128 unless
       it covers T, as the dk/dv kernel's lane dim), so the caller falls back to another implementation.
   """
-  interpret = _interpret()
+  interpret = _dispatch.pallas_interpret("pallas_tpu")
   T, S = q.shape[1], k.shape[1]
   try:
     blocks = kernels.BlockSizes(block_q, block_k, block_q, block_k, block_q, block_k).resolve(T, S)
