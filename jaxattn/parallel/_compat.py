@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 
 import jax
 from jax import lax
@@ -57,3 +58,30 @@ def constrain(x, mesh, spec):
   if explicit and hasattr(jax.sharding, "reshard"):
     return jax.sharding.reshard(x, NamedSharding(mesh, spec))
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def as_tuple(ax) -> tuple:
+  """A mesh-axis argument (None, one name, or several) as a tuple of names."""
+  if ax is None:
+    return ()
+  return tuple(ax) if isinstance(ax, (tuple, list)) else (ax,)
+
+
+def check_mesh_axes(mesh, seq_axes: tuple, batch_axis, head_axis, *, B: int, H: int, G: int) -> tuple[dict, int]:
+  """Checks that every named axis is in ``mesh`` and that ``B`` and ``H``, ``G`` split over the batch and head axes.
+
+  Returns:
+    ``(axis name -> size, head-axis size)``.
+  """
+  shape = dict(zip(mesh.axis_names, mesh.devices.shape))
+  for name, ax in (("seq_axis", seq_axes), ("batch_axis", as_tuple(batch_axis)), ("head_axis", as_tuple(head_axis))):
+    for a in ax:
+      if a not in shape:
+        raise ValueError(f"{name} {a!r} is not an axis of the mesh {tuple(mesh.axis_names)}")
+  pb = math.prod(shape[a] for a in as_tuple(batch_axis))
+  ph = math.prod(shape[a] for a in as_tuple(head_axis))
+  if B % pb:
+    raise ValueError(f"batch B={B} is not a multiple of the batch_axis {batch_axis!r} size {pb}")
+  if H % ph or G % ph:
+    raise ValueError(f"heads H={H}, G={G} must be multiples of the head_axis {head_axis!r} size {ph}")
+  return shape, ph

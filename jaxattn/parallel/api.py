@@ -142,17 +142,7 @@ def context_parallel_attention(q, k, v, *, mesh=None, seq_axis=None, strategy: s
     out, lse = _local(cfg, q, k, v, q_ids, kv_ids)
     return (out, lse) if return_lse else out
 
-  for name, ax in (("seq_axis", axes), ("batch_axis", _as_tuple(batch_axis)), ("head_axis", _as_tuple(head_axis))):
-    for a in ax:
-      if a not in mesh.axis_names:
-        raise ValueError(f"{name} {a!r} is not an axis of the mesh {tuple(mesh.axis_names)}")
-  shape = dict(zip(mesh.axis_names, mesh.devices.shape))
-  pb = int(np.prod([shape[a] for a in _as_tuple(batch_axis)], dtype=np.int64))
-  ph = int(np.prod([shape[a] for a in _as_tuple(head_axis)], dtype=np.int64))
-  if B % pb:
-    raise ValueError(f"batch B={B} is not a multiple of the batch_axis {batch_axis!r} size {pb}")
-  if H % ph or G % ph:
-    raise ValueError(f"heads H={H}, G={G} must be multiples of the head_axis {head_axis!r} size {ph}")
+  shape, ph = _compat.check_mesh_axes(mesh, axes, batch_axis, head_axis, B=B, H=H, G=G)
   seq_size = int(np.prod([shape[a] for a in axes]))
   if T % seq_size:
     raise ValueError(f"sequence length T={T} is not a multiple of the {seq_size} sequence shards over {axes}")
@@ -160,12 +150,6 @@ def context_parallel_attention(q, k, v, *, mesh=None, seq_axis=None, strategy: s
   cfg = dataclasses.replace(cfg, mesh=mesh, batch_axis=batch_axis, head_axis=head_axis)
   out, lse = _run_mesh(q, k, v, q_ids, kv_ids, cfg=cfg)
   return (out, lse) if return_lse else out
-
-
-def _as_tuple(ax) -> tuple:
-  if ax is None:
-    return ()
-  return tuple(ax) if isinstance(ax, (tuple, list)) else (ax,)
 
 
 def _axes(strategy, axis, what) -> tuple[str, ...]:

@@ -109,29 +109,12 @@ def context_parallel_linear_attention(q, k, v, *, mesh=None, seq_axis: str | Non
   if mesh is None:
     out, state = _local(cfg, q, k, v, log_decay, initial_state)
   else:
-    shape = dict(zip(mesh.axis_names, mesh.devices.shape))
-    for name, ax in (("seq_axis", (axis,)), ("batch_axis", _as_tuple(batch_axis)),
-                     ("head_axis", _as_tuple(head_axis))):
-      for a in ax:
-        if a not in shape:
-          raise ValueError(f"{name} {a!r} is not an axis of the mesh {tuple(mesh.axis_names)}")
+    shape, _ = _compat.check_mesh_axes(mesh, (axis,), batch_axis, head_axis, B=B, H=H, G=G)
     if T % shape[axis]:
       raise ValueError(f"sequence length T={T} is not a multiple of the {axis!r} axis size {shape[axis]}")
-    pb = int(np.prod([shape[a] for a in _as_tuple(batch_axis)], dtype=np.int64))
-    ph = int(np.prod([shape[a] for a in _as_tuple(head_axis)], dtype=np.int64))
-    if B % pb:
-      raise ValueError(f"batch B={B} is not a multiple of the batch_axis {batch_axis!r} size {pb}")
-    if H % ph or G % ph:
-      raise ValueError(f"heads H={H}, G={G} must be multiples of the head_axis {head_axis!r} size {ph}")
     cfg = dataclasses.replace(cfg, mesh=mesh, batch_axis=batch_axis, head_axis=head_axis)
     out, state = _run_mesh(q, k, v, log_decay, initial_state, cfg=cfg)
   return (out, state) if return_final_state else out
-
-
-def _as_tuple(ax) -> tuple:
-  if ax is None:
-    return ()
-  return tuple(ax) if isinstance(ax, (tuple, list)) else (ax,)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
