@@ -1,6 +1,6 @@
 """Presets for ``python -m experiments cp_model``: the context-parallel cost model's sweep (frozen dataclasses).
 
-The default follows the Long-Context Attention Benchmark's CP settings (``papers/efficient.md`` section 3: B=1,
+The default follows the Long-Context Attention Benchmark's CP settings (Bu et al., arXiv:2510.17896: B=1,
 64 query heads, 8 kv heads, head dim 128, bf16) at P in {8, 64, 512} devices and T up to 1M tokens.
 """
 

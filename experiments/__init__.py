@@ -11,6 +11,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                                                 "with top-k block retrieval vs a window baseline"),
     "mqar": ("experiments.mqar.run:main", "Zoology MQAR: recall accuracy of attention vs gated convolutions vs "
                                           "linear attention vs sparse-attention hybrid"),
+    "gpu_compile": ("experiments.gpu_compile.run:main", "compile every GPU kernel for sm_90 / sm_80 without a GPU "
+                                                        "and report shared memory per kernel"),
     "cp_model": ("experiments.cp_model.run:main", "context-parallel cost model: per-device FLOPs, bytes, imbalance "
                                                   "and modelled step time of ring/all-gather/Ulysses/USP"),
 }

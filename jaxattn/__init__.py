@@ -7,12 +7,16 @@ Public surface::
     jaxattn.linear_attention(q, k, v, log_decay=..., causal=..., initial_state=..., return_final_state=...)
     jaxattn.linear_attention_step(q_t, k_t, v_t, state, log_decay=...)   # one decode step
     jaxattn.landmark_attention(q, k, v, block_size=...)   # grouped softmax over landmark blocks
+    jaxattn.BlockSizes, jaxattn.PallasGpuConfig, jaxattn.PallasTpuConfig   # softmax backends' tuning configs:
+        # implementation=("xla", BlockSizes(...)) / ("pallas_gpu", PallasGpuConfig(...)) / block_sizes=BlockSizes(...)
+    jaxattn.backend    # the op protocol: Backend, flash_vjp, dispatch, FallbackWarning, use_platform
     jaxattn.masks      # static mask algebra (Full, Causal, Local, Slices, BlockSparse, generators)
     jaxattn.testing    # tolerance table, random inputs, assertions, CAB conformance checks
     jaxattn.parallel   # context parallelism: ring (zigzag), all-gather, Ulysses, USP, linear state passing
     jaxattn.nn         # Flax NNX modules (imports flax; import it explicitly)
 """
 
+from jaxattn import backend as backend
 from jaxattn import masks as masks
 from jaxattn import parallel as parallel
 from jaxattn import testing as testing
@@ -20,6 +24,8 @@ from jaxattn.ops.landmark import landmark_attention as landmark_attention
 from jaxattn.ops.linear import linear_attention as linear_attention
 from jaxattn.ops.linear import linear_attention_step as linear_attention_step
 from jaxattn.ops.softmax import BlockSizes as BlockSizes
+from jaxattn.ops.softmax import PallasGpuConfig as PallasGpuConfig
+from jaxattn.ops.softmax import PallasTpuConfig as PallasTpuConfig
 from jaxattn.ops.softmax import block_sparse_attention as block_sparse_attention
 from jaxattn.ops.softmax import softmax_attention as softmax_attention
 

@@ -40,7 +40,7 @@ from typing import Literal, Sequence
 import numpy as np
 
 __all__ = [
-    "Mask", "Full", "Causal", "Local", "Slices", "BlockSparse", "And", "Or",
+    "Mask", "Full", "Causal", "Local", "Slices", "BlockSparse", "And", "Or", "PerHead",
     "EMPTY", "PARTIAL", "FULL",
     "causal_document", "full_document", "share_question", "prefix_lm_causal", "prefix_lm_document",
     "sliding_window", "global_sliding_window", "block_causal_document", "random_block_sparse",
@@ -61,13 +61,13 @@ def _check_len(name: str, value: int) -> int:
 
 
 class Mask:
-  """Base class. Subclasses define ``predicate`` and a conservative ``_classify``."""
+  """Base class. Subclasses define ``predicate`` and a conservative ``classify`` (and may override ``dense_tile``)."""
 
   def predicate(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     """Whether query ``i`` may attend key ``j`` (numpy, broadcasting; e.g. ``i [T, 1]``, ``j [1, S]``)."""
     raise NotImplementedError
 
-  def _classify(self, i0, i1, j0, j1) -> np.ndarray:
+  def classify(self, i0, i1, j0, j1) -> np.ndarray:
     """Block classes for rectangles ``[i0, i1) x [j0, j1)`` (broadcasting int arrays).
 
     Returns int8: EMPTY / FULL only when certain, PARTIAL when unknown (refined exactly by callers).
@@ -108,10 +108,11 @@ class Mask:
     k_len = np.minimum(np.arange(layout.shape[1]) * bk + bk, S) - np.arange(layout.shape[1]) * bk
     total = int((np.outer(q_len, k_len) * (layout == FULL)).sum())
     for qb, kb in zip(*np.nonzero(layout == PARTIAL)):
-      total += int(self._tile(qb * bq, min(qb * bq + bq, T), kb * bk, min(kb * bk + bk, S)).sum())
+      total += int(self.dense_tile(qb * bq, min(qb * bq + bq, T), kb * bk, min(kb * bk + bk, S)).sum())
     return total
 
-  def _tile(self, i0: int, i1: int, j0: int, j1: int) -> np.ndarray:
+  def dense_tile(self, i0: int, i1: int, j0: int, j1: int) -> np.ndarray:
+    """The exact bool pattern of the rectangle ``[i0, i1) x [j0, j1)`` (block layouts refine partial blocks)."""
     return np.broadcast_to(self.predicate(np.arange(i0, i1)[:, None], np.arange(j0, j1)[None, :]),
                            (i1 - i0, j1 - j0))
 
@@ -122,9 +123,9 @@ def _block_layout(mask: Mask, T: int, S: int, bq: int, bk: int) -> np.ndarray:
   i0 = (np.arange(nq) * bq)[:, None]
   j0 = (np.arange(nk) * bk)[None, :]
   i1, j1 = np.minimum(i0 + bq, T), np.minimum(j0 + bk, S)
-  layout = np.broadcast_to(mask._classify(i0, i1, j0, j1), (nq, nk)).astype(np.int8).copy()
+  layout = np.broadcast_to(mask.classify(i0, i1, j0, j1), (nq, nk)).astype(np.int8).copy()
   for qb, kb in zip(*np.nonzero(layout == PARTIAL)):
-    tile = mask._tile(int(i0[qb, 0]), int(i1[qb, 0]), int(j0[0, kb]), int(j1[0, kb]))
+    tile = mask.dense_tile(int(i0[qb, 0]), int(i1[qb, 0]), int(j0[0, kb]), int(j1[0, kb]))
     layout[qb, kb] = FULL if tile.all() else (PARTIAL if tile.any() else EMPTY)
   layout.setflags(write=False)
   return layout
@@ -148,7 +149,7 @@ class Full(Mask):
   def predicate(self, i, j):
     return np.ones(np.broadcast_shapes(np.shape(i), np.shape(j)), dtype=bool)
 
-  def _classify(self, i0, i1, j0, j1):
+  def classify(self, i0, i1, j0, j1):
     return np.full(np.broadcast_shapes(np.shape(i0), np.shape(j0)), FULL, np.int8)
 
 
@@ -165,7 +166,7 @@ class Causal(Mask):
   def predicate(self, i, j):
     return j <= i + self.offset
 
-  def _classify(self, i0, i1, j0, j1):
+  def classify(self, i0, i1, j0, j1):
     return _full_or_empty(j1 - 1 <= i0 + self.offset, j0 > i1 - 1 + self.offset)
 
 
@@ -189,7 +190,7 @@ class Local(Mask):
     c = i + self.offset
     return (j >= c - self.left) & (j <= c + self.right)
 
-  def _classify(self, i0, i1, j0, j1):
+  def classify(self, i0, i1, j0, j1):
     o, l, r = self.offset, self.left, self.right
     full = (j0 >= i1 - 1 + o - l) & (j1 - 1 <= i0 + o + r)
     empty = (j1 - 1 < i0 + o - l) | (j0 > i1 - 1 + o + r)
@@ -233,7 +234,7 @@ class Slices(Mask):
       out |= _slice_predicate(i, j, qs, qe, ks, ke, kind)
     return out
 
-  def _tile(self, i0, i1, j0, j1):
+  def dense_tile(self, i0, i1, j0, j1):
     out = np.zeros((i1 - i0, j1 - j0), dtype=bool)
     i, j = np.arange(i0, i1)[:, None], np.arange(j0, j1)[None, :]
     for qs, qe, ks, ke, kind in self.slices:
@@ -241,7 +242,7 @@ class Slices(Mask):
         out |= _slice_predicate(i, j, qs, qe, ks, ke, kind)
     return out
 
-  def _classify(self, i0, i1, j0, j1):
+  def classify(self, i0, i1, j0, j1):
     shape = np.broadcast_shapes(np.shape(i0), np.shape(j0))
     any_full = np.zeros(shape, bool)
     all_empty = np.ones(shape, bool)
@@ -294,7 +295,7 @@ class BlockSparse(Mask):
     object.__setattr__(self, "layout", layout)
     _check_len("block_q", self.block_q)
     _check_len("block_k", self.block_k)
-    # Prefix sums let _classify count the allowed blocks of any rectangle in O(1).
+    # Prefix sums let classify count the allowed blocks of any rectangle in O(1).
     csum = np.zeros((layout.shape[0] + 1, layout.shape[1] + 1), np.int64)
     csum[1:, 1:] = layout.cumsum(0).cumsum(1)
     object.__setattr__(self, "_csum", csum)
@@ -316,7 +317,7 @@ class BlockSparse(Mask):
     ok = (i < n) & (j < m)
     return self.layout[np.minimum(i, n - 1), np.minimum(j, m - 1)] & ok
 
-  def _classify(self, i0, i1, j0, j1):
+  def classify(self, i0, i1, j0, j1):
     n, m = self.layout.shape
     a0, a1 = np.minimum(i0 // self.block_q, n), np.minimum((i1 - 1) // self.block_q + 1, n)
     b0, b1 = np.minimum(j0 // self.block_k, m), np.minimum((j1 - 1) // self.block_k + 1, m)
@@ -338,11 +339,11 @@ class And(Mask):
   def predicate(self, i, j):
     return self.a.predicate(i, j) & self.b.predicate(i, j)
 
-  def _tile(self, i0, i1, j0, j1):
-    return self.a._tile(i0, i1, j0, j1) & self.b._tile(i0, i1, j0, j1)
+  def dense_tile(self, i0, i1, j0, j1):
+    return self.a.dense_tile(i0, i1, j0, j1) & self.b.dense_tile(i0, i1, j0, j1)
 
-  def _classify(self, i0, i1, j0, j1):
-    ca, cb = self.a._classify(i0, i1, j0, j1), self.b._classify(i0, i1, j0, j1)
+  def classify(self, i0, i1, j0, j1):
+    ca, cb = self.a.classify(i0, i1, j0, j1), self.b.classify(i0, i1, j0, j1)
     return _full_or_empty((ca == FULL) & (cb == FULL), (ca == EMPTY) | (cb == EMPTY))
 
   def __repr__(self):
@@ -359,11 +360,11 @@ class Or(Mask):
   def predicate(self, i, j):
     return self.a.predicate(i, j) | self.b.predicate(i, j)
 
-  def _tile(self, i0, i1, j0, j1):
-    return self.a._tile(i0, i1, j0, j1) | self.b._tile(i0, i1, j0, j1)
+  def dense_tile(self, i0, i1, j0, j1):
+    return self.a.dense_tile(i0, i1, j0, j1) | self.b.dense_tile(i0, i1, j0, j1)
 
-  def _classify(self, i0, i1, j0, j1):
-    ca, cb = self.a._classify(i0, i1, j0, j1), self.b._classify(i0, i1, j0, j1)
+  def classify(self, i0, i1, j0, j1):
+    ca, cb = self.a.classify(i0, i1, j0, j1), self.b.classify(i0, i1, j0, j1)
     return _full_or_empty((ca == FULL) | (cb == FULL), (ca == EMPTY) & (cb == EMPTY))
 
   def __repr__(self):
@@ -371,6 +372,70 @@ class Or(Mask):
 
 
 # =================================================================================================== generators
+@dataclasses.dataclass(frozen=True)
+class PerHead(Mask):
+  """One static mask per query head: head ``h`` attends with ``masks[h]`` (``softmax_attention(mask=...)`` also
+  takes the plain sequence ``(m0, m1, ...)``).
+
+  Supported by the ``"reference"`` and ``"xla"`` softmax backends (the xla path visits the union of the heads' block
+  layouts and applies each head's own partial-block tiles; no ``[H, T, S]`` array is built); the kernel backends
+  refuse it. A per-head mask has no single ``[T, S]`` predicate: ``predicate`` / ``to_dense`` raise ``TypeError``
+  (use :meth:`to_dense_heads` or :meth:`union`), so code that only knows 2-D masks fails loudly. ``&`` / ``|`` with a
+  mask or a PerHead of the same length combine head by head.
+  """
+
+  masks: tuple
+
+  def __post_init__(self):
+    masks = tuple(self.masks) if isinstance(self.masks, (list, tuple)) else self.masks
+    if not isinstance(masks, tuple) or not masks:
+      raise ValueError(f"PerHead takes a non-empty sequence of masks, got {self.masks!r}")
+    for h, m in enumerate(masks):
+      if not isinstance(m, Mask) or isinstance(m, PerHead):
+        raise ValueError(f"PerHead mask {h} must be a (non per-head) jaxattn.masks.Mask, got {m!r}")
+    object.__setattr__(self, "masks", masks)
+
+  @property
+  def num_heads(self) -> int:
+    return len(self.masks)
+
+  def union(self) -> Mask:
+    """The mask allowing a pair iff some head allows it (its block layout is the visiting set of all heads)."""
+    return functools.reduce(lambda a, b: a if a == b else a | b, self.masks)
+
+  def to_dense_heads(self, T: int, S: int) -> np.ndarray:
+    """The dense boolean masks of all heads, ``[H, T, S]``. Use only for small shapes."""
+    return np.stack([m.to_dense(T, S) for m in self.masks])
+
+  def predicate(self, i, j):
+    raise TypeError("PerHead holds one mask per head and has no single predicate: use .masks[h], .union() or "
+                    ".to_dense_heads(T, S)")
+
+  def classify(self, i0, i1, j0, j1):
+    return self.predicate(i0, j0)
+
+  def __and__(self, other):
+    return self._combine(other, lambda a, b: a & b)
+
+  def __or__(self, other):
+    return self._combine(other, lambda a, b: a | b)
+
+  def _combine(self, other, op):
+    if isinstance(other, PerHead):
+      if other.num_heads != self.num_heads:
+        raise ValueError(f"cannot combine PerHead masks of {self.num_heads} and {other.num_heads} heads")
+      return PerHead(tuple(op(a, b) for a, b in zip(self.masks, other.masks)))
+    if not isinstance(other, Mask):
+      return NotImplemented
+    return PerHead(tuple(op(a, other) for a in self.masks))
+
+  def __rand__(self, other):
+    return self._combine(other, lambda a, b: b & a)
+
+  def __ror__(self, other):
+    return self._combine(other, lambda a, b: b | a)
+
+
 def _doc_bounds(doc_lens: Sequence[int], name: str = "doc_lens") -> list[tuple[int, int]]:
   lens = [int(x) for x in doc_lens]
   if not lens or any(x < 1 for x in lens):

@@ -8,7 +8,8 @@ Other codebases can use these to check their own attention callables against jax
 
 Tolerances (``TOLERANCES``) are per dtype and per kind of quantity: outputs and gradients (gradients 2x the output
 tolerance). Long sequences also use the relative RMS error ``||x - ref|| / ||ref||`` (``RMS_TOLERANCES``).
-Loosening a tolerance is done with :func:`override`, which requires a reason.
+Loosening a tolerance is done with :func:`override`, which requires a reason. The elementwise comparison is
+``chex.assert_trees_all_close`` in float64, with this module's tolerance table, NaN rejection and error messages.
 """
 
 from __future__ import annotations
@@ -106,10 +107,20 @@ def assert_no_nan(x, name: str = "array") -> None:
 
 
 def assert_close(x, ref, *, dtype=None, kind: str = "out", name: str = "x", rms: float | None = None) -> None:
-  """Asserts ``|x - ref| <= atol + rtol * |ref|`` elementwise (inf matching inf), and no NaN.
+  """Asserts ``|x - ref| <= atol + rtol * |ref|`` elementwise (inf matching inf of the same sign), and no NaN.
 
-  ``dtype`` picks the tolerance row (default: ``x``'s dtype); ``rms`` additionally bounds the relative RMS error.
-  Works on pytrees.
+  The comparison is ``chex.assert_trees_all_close`` on float64 copies of each leaf pair (so bf16 / f16 differences
+  are not rounded), with ``atol`` / ``rtol`` from :func:`tolerance`; a failure names the leaf, the number of
+  elements out of tolerance and the worst one, followed by chex's report. Like every chex assertion it does
+  nothing after ``chex.disable_asserts()``.
+
+  Args:
+    x: the array (or pytree of arrays) under test.
+    ref: the reference, same tree and shapes.
+    dtype: picks the tolerance row (default: each leaf of ``x``'s dtype).
+    kind: ``"out"`` or ``"grad"``.
+    name: label used in the error message.
+    rms: if given, also bounds the relative RMS error over the reference's finite elements.
   """
   xs, refs = jax.tree_util.tree_leaves(x), jax.tree_util.tree_leaves(ref)
   if len(xs) != len(refs):
@@ -122,21 +133,33 @@ def assert_close(x, ref, *, dtype=None, kind: str = "out", name: str = "x", rms:
     a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if np.isnan(a64).any():
       raise AssertionError(f"{label}: {int(np.isnan(a64).sum())} NaN values")
-    same_inf = np.isinf(a64) & np.isinf(b64) & (np.sign(a64) == np.sign(b64))
-    with np.errstate(invalid="ignore"):
-      err = np.where(same_inf, 0.0, np.abs(a64 - b64))
-    bound = tol.atol + tol.rtol * np.where(np.isinf(b64), 0.0, np.abs(b64))
-    bad = ~(err <= bound)
-    if bad.any():
-      worst = np.unravel_index(np.argmax(np.where(bad, err - bound, -np.inf)), a64.shape)
-      raise AssertionError(
-          f"{label}: {int(bad.sum())}/{a64.size} elements out of tolerance (atol={tol.atol}, rtol={tol.rtol}); "
-          f"worst at {tuple(int(w) for w in worst)}: got {a64[worst]}, expected {b64[worst]}")
+    try:
+      _chex().assert_trees_all_close(a64, b64, atol=tol.atol, rtol=tol.rtol, strict=True)
+    except AssertionError as e:
+      raise AssertionError(f"{label}: {_describe_mismatch(a64, b64, tol)}\n{e}") from None
     if rms is not None:
       finite = np.isfinite(b64)
       r = relative_rms(a64[finite], b64[finite])
       if r > rms:
         raise AssertionError(f"{label}: relative RMS error {r:.3e} > {rms:.1e}")
+
+
+def _chex():
+  """chex, imported on first comparison: ``import jaxattn`` does not need it (it is a core requirement)."""
+  import chex  # noqa: PLC0415 - deferred: only the comparison helpers need it
+  return chex
+
+
+def _describe_mismatch(a64: np.ndarray, b64: np.ndarray, tol: Tolerance) -> str:
+  """How many elements break ``|a - b| <= atol + rtol * |b|`` and which one breaks it most."""
+  same_inf = np.isinf(a64) & np.isinf(b64) & (np.sign(a64) == np.sign(b64))
+  with np.errstate(invalid="ignore"):
+    err = np.where(same_inf, 0.0, np.abs(a64 - b64))
+  bound = tol.atol + tol.rtol * np.where(np.isinf(b64), 0.0, np.abs(b64))
+  bad = ~(err <= bound)
+  worst = np.unravel_index(np.argmax(np.where(bad, np.nan_to_num(err - bound, nan=np.inf), -np.inf)), a64.shape)
+  return (f"{int(bad.sum())}/{a64.size} elements out of tolerance (atol={tol.atol}, rtol={tol.rtol}); "
+          f"worst at {tuple(int(w) for w in worst)}: got {a64[worst]}, expected {b64[worst]}")
 
 
 # ============================================================================================ CAB conformance

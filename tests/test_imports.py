@@ -2,6 +2,9 @@
 
 import ast
 import pathlib
+import re
+import sys
+import tomllib
 
 import pytest
 
@@ -42,3 +45,25 @@ def test_public_surface_imports_without_flax_side_effects():
   import jaxattn
   assert callable(jaxattn.softmax_attention)
   assert hasattr(jaxattn.masks, "Causal") and hasattr(jaxattn.testing, "assert_close")
+
+
+def _requirement_names(reqs):
+  return {re.split(r"[<>=!~ \[;]", r)[0].lower().replace("-", "_") for r in reqs}
+
+
+@pytest.mark.parametrize("package", ["jaxattn", "pallas_kernels"])
+def test_third_party_imports_are_declared(package):
+  """Every third-party module the wheel's packages import is a core requirement (or, for ``jaxattn.nn`` only, in
+  the ``nn`` extra), so ``pip install jaxattn`` never meets a bare ``ModuleNotFoundError``."""
+  project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+  core = _requirement_names(project["dependencies"])
+  nn_extra = _requirement_names(project["optional-dependencies"]["nn"])
+  first_party = {"jaxattn", "pallas_kernels"}
+  bad = []
+  for path in sorted((ROOT / package).rglob("*.py")):
+    rel = path.relative_to(ROOT)
+    allowed = core | (nn_extra if rel.parts[:2] == ("jaxattn", "nn") else set())
+    for top, full in _imports(path):
+      if top not in sys.stdlib_module_names and top not in first_party and top.lower() not in allowed:
+        bad.append(f"{rel} imports {full}, which pyproject.toml does not declare")
+  assert not bad, "\n".join(bad)

@@ -66,7 +66,7 @@ def test_run_dry_run_quotes_the_command(tmp_path):
 
 def test_fetch_and_delete_dry_run(tmp_path):
   out = _dry(tmp_path, "fetch.sh")
-  assert "gcloud compute tpus tpu-vm scp --recurse t1:jaxattn/experiments/results tpu_results/" in out
+  assert "gcloud compute tpus tpu-vm scp --recurse t1:jaxattn/runs tpu_results/" in out
   assert "--worker=0" in out
   out = _dry(tmp_path, "delete.sh")
   assert "gcloud compute tpus queued-resources delete t1-qr --zone=us-central2-b --project=my-proj --force" in out

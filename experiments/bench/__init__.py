@@ -1,4 +1,4 @@
-"""Kernel benchmark harness: ``python -m experiments bench`` (design.md section 7).
+"""Kernel benchmark harness: ``python -m experiments bench`` (results: README, "Measured").
 
 Files by role: ``registry`` (presets and cases), ``timing`` (jit, warm-up, median of repeats), ``flops`` (FLOP
 counts from the exact mask area), ``run`` (implementations and anchors side by side, CLI), ``report`` (JSONL,

@@ -1,7 +1,7 @@
 """The linear-attention family of ``python -m experiments bench`` (presets ``linear_*``).
 
 Times ``jaxattn.linear_attention`` (causal, with a decay) for every implementation in
-``jaxattn.ops.linear.api.REGISTRY`` side by side, for each shape and decay kind of a
+``jaxattn.ops.linear.api.BACKENDS`` side by side, for each shape and decay kind of a
 :class:`configs.bench.LinearBenchPreset`, in the modes ``fwd`` (the output) and ``fwd+bwd`` (gradients of
 ``sum(out)`` w.r.t. q, k, v and the log decay). The ratio column is against our own ``"xla"`` path (the issue's
 "at least 5x faster than our xla path"); flash-linear-attention is PyTorch and runs in its own process from the
@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import jaxattn
 from configs.bench import LINEAR_PRESETS, LinearBenchPreset, LinearBenchShape
-from jaxattn import _dispatch
+from jaxattn import backend as backend_lib
 from jaxattn.ops.linear import api as linear_api
 
 from experiments.bench import report, timing
@@ -91,9 +91,9 @@ def available_impls(include_reference: bool = False, requested: Sequence[str] | 
   Raises:
     ValueError: for a requested name that is not registered.
   """
-  plat = _dispatch.platform()
+  plat = backend_lib.platform()
   impls = []
-  for name in linear_api.REGISTRY:
+  for name in linear_api.BACKENDS:
     asked = bool(requested) and name in requested
     if name == "reference" and not include_reference and not asked:
       continue

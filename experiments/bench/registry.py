@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 from configs.bench import PRESETS, BenchPreset, BenchShape, MaskSpec
-from jaxattn import _dispatch
+from jaxattn import backend as backend_lib
 from jaxattn.masks import Mask
 
 __all__ = ["PRESETS", "BenchPreset", "BenchShape", "MaskSpec", "Case", "get_preset", "default_preset_name",
@@ -43,7 +43,7 @@ def get_preset(name: str) -> BenchPreset:
 
 def default_preset_name() -> str:
   """``"cpu"`` on a CPU backend, ``"gpu"`` otherwise."""
-  return "cpu" if _dispatch.platform() == "cpu" else "gpu"
+  return "cpu" if backend_lib.platform() == "cpu" else "gpu"
 
 
 def cases(preset: BenchPreset) -> list[Case]:

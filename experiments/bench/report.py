@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 
 import jax
 
-from jaxattn import _dispatch
+from jaxattn import backend as backend_lib
 
 ANCHOR = "jax.nn/xla"  # the ratio column divides this anchor's time by each row's time
 ROW_FIELDS = (
@@ -42,7 +42,7 @@ def git_sha() -> str:
 
 def environment() -> dict:
   """Fields shared by every row of a run: device kind, platform, jax version and git sha."""
-  return {"device_kind": jax.devices()[0].device_kind, "platform": _dispatch.platform(),
+  return {"device_kind": jax.devices()[0].device_kind, "platform": backend_lib.platform(),
           "jax_version": jax.__version__, "git_sha": git_sha()}
 
 

@@ -3,7 +3,7 @@
 For every case of a preset (a shape and a mask) and every mode (``fwd``, ``fwd+bwd``), each implementation that
 can serve it is jitted, warmed up and timed (:mod:`timing`). Implementations are
 
-- ours: every id in ``jaxattn.ops.softmax.api.REGISTRY`` at run time (``"reference"`` only with
+- ours: every id in ``jaxattn.ops.softmax.api.BACKENDS`` at run time (``"reference"`` only with
   ``--include-reference``), called through ``jaxattn.softmax_attention(..., implementation=id)``. Pallas kernels
   for another platform (on CPU: both, which would run in interpret mode, whose timings mean nothing) are recorded
   as skipped unless named in ``--impls``;
@@ -12,8 +12,9 @@ can serve it is jitted, warmed up and timed (:mod:`timing`). Implementations are
   ``Causal(0)`` via ``is_causal``, ``Local(offset=0)`` via ``local_window_size``).
 
 An implementation that raises ``NotImplementedError`` is recorded as skipped; out-of-memory and other errors are
-recorded with their message and the run goes on. Outputs go to ``--out``: ``bench.jsonl``, ``bench.md`` and
-``bench.png``; the markdown table is printed at the end.
+recorded with their message and the run goes on. Outputs go to ``--out`` (default ``runs/bench/<preset>/``, which
+git ignores; the committed reference tables in ``experiments/results/bench/`` are overwritten only when named with
+``--out``): ``bench.jsonl``, ``bench.md`` and ``bench.png``; the markdown table is printed at the end.
 
 Example::
 
@@ -35,13 +36,15 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 import jaxattn
-from jaxattn import _dispatch
+from jaxattn import backend as backend_lib
 from jaxattn.masks import Causal, Full, Local
 from jaxattn.ops.softmax import api as softmax_api
 
 from configs.bench import LINEAR_PRESETS
 from experiments.bench import flops as flops_lib
 from experiments.bench import registry, report, timing
+from experiments.common import config as config_lib
+from experiments.common.paths import default_out_dir
 
 FAMILY = "softmax"
 
@@ -118,9 +121,9 @@ def available_impls(include_reference: bool = False, requested: Sequence[str] | 
   Raises:
     ValueError: for a requested name that does not exist here.
   """
-  plat = _dispatch.platform()
+  plat = backend_lib.platform()
   impls = []
-  for name in softmax_api.REGISTRY:
+  for name in softmax_api.BACKENDS:
     if name == "reference" and not include_reference and not (requested and name in requested):
       continue
     kernel_plat = name.split("_", 1)[1] if name.startswith("pallas_") else None
@@ -230,11 +233,11 @@ def _csv(s: str) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """CLI entry point (``python -m experiments bench --help``)."""
-  p = argparse.ArgumentParser(prog="python -m experiments bench", description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog="presets:\n" + "\n".join(
-                                  f"  {n}: {pr.description}"
-                                  for n, pr in {**registry.PRESETS, **LINEAR_PRESETS}.items()))
+  p = config_lib.ArgumentParser(prog="python -m experiments bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="presets:\n" + "\n".join(
+                                    f"  {n}: {pr.description}"
+                                    for n, pr in {**registry.PRESETS, **LINEAR_PRESETS}.items()))
   p.add_argument("--preset", default=None, choices=sorted(registry.PRESETS) + sorted(LINEAR_PRESETS),
                  help="shape preset (default: cpu on a CPU backend, gpu otherwise); linear_* presets time "
                       "linear attention (experiments/bench/linear.py)")
@@ -243,10 +246,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help="comma-separated implementations (ours by registry id, anchors jax.nn/xla, jax.nn/cudnn, "
                       "tokamax); default: all that exist here")
   p.add_argument("--include-reference", action="store_true", help="also time the dense reference")
-  p.add_argument("--out", default=None, help="output folder (default experiments/results/bench/<preset>/)")
-  p.add_argument("--repeats", type=int, default=None, help="timed samples per measurement (default: preset's)")
-  p.add_argument("--warmup", type=int, default=None, help="untimed calls after compiling (default: preset's)")
-  p.add_argument("--budget-s", type=float, default=None, help="start no new case after this many seconds")
+  p.add_argument("--out", default=None,
+                 help="output folder (default runs/bench/<preset>/; the committed experiments/results/bench/ is "
+                      "written only when named here)")
+  p.add_argument("--repeats", type=config_lib.positive_int, default=None,
+                 help="timed samples per measurement (default: preset's)")
+  p.add_argument("--warmup", type=config_lib.nonnegative_int, default=None,
+                 help="untimed calls after compiling (default: preset's)")
+  p.add_argument("--budget-s", type=config_lib.positive_float, default=None,
+                 help="start no new case after this many seconds")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   args = p.parse_args(argv)
 
@@ -254,19 +262,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   bad = [m for m in modes if m not in timing.MODES]
   if bad or not modes:
     p.error(f"--modes must be a comma-separated subset of {','.join(timing.MODES)}, got {args.modes!r}")
-  if args.repeats is not None and args.repeats < 1:
-    p.error(f"--repeats must be >= 1, got {args.repeats}")
-  if args.warmup is not None and args.warmup < 0:
-    p.error(f"--warmup must be >= 0, got {args.warmup}")
+  preset_name = args.preset or registry.default_preset_name()
+  if args.out is None:  # never the tracked experiments/results/bench/ unless asked for with --out
+    args.out = str(default_out_dir("bench", preset_name))
   if args.preset in LINEAR_PRESETS:
     from experiments.bench import linear
     return linear.main(args, p)
-  preset = registry.get_preset(args.preset or registry.default_preset_name())
+  preset = registry.get_preset(preset_name)
   try:
     impls = available_impls(args.include_reference, _csv(args.impls) if args.impls else None)
   except ValueError as e:
     p.error(str(e))
-  out_dir = pathlib.Path(args.out) if args.out else pathlib.Path("experiments/results/bench") / preset.name
+  out_dir = pathlib.Path(args.out)
 
   t0 = time.perf_counter()
   rows = run_bench(preset, modes=modes, impls=impls, repeats=args.repeats, warmup=args.warmup,

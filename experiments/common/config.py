@@ -10,6 +10,11 @@ Values are parsed by the field's annotation: ``int``, ``float``, ``str``, ``bool
 (comma-separated) and tuples of dataclasses or fixed tuples (fields separated by ``:``). Overrides are applied with
 ``dataclasses.replace``, so the preset's own validation runs on the result and a bad value is reported with its
 flag. :func:`to_dict` / :func:`from_dict` round-trip a config through JSON (``from_dict`` rejects unknown keys).
+
+Command-line errors are one line (:class:`ArgumentParser`: ``prog: error: --train.epochs: ... (prog --help lists
+the options)``, exit status 2, no usage block first), and always name the flag as the user typed it. The argparse
+types :func:`positive_int`, :func:`nonnegative_int`, :func:`positive_float` and :func:`nonnegative_float` reject
+impossible values (``--steps -5``, a negative learning rate, NaN) in that line.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from typing import Any, Literal, Mapping, Sequence, Union
 
 __all__ = ["to_dict", "from_dict", "add_flags", "apply_flags", "parse_value", "replace_path", "fingerprint",
-           "ConfigError"]
+           "ConfigError", "ArgumentParser", "positive_int", "nonnegative_int", "positive_float",
+           "nonnegative_float"]
 
 
 class ConfigError(ValueError):
@@ -195,23 +202,25 @@ def _leaves(cfg, prefix: str = ""):
 
 
 # ------------------------------------------------------------------------------------------------ overrides
-def replace_path(cfg, path: str, value):
+def replace_path(cfg, path: str, value, *, _flag: str | None = None):
   """``cfg`` with the field at dotted ``path`` replaced (rebuilding every dataclass on the way, so each one's
   validation runs).
 
   Raises:
-    ConfigError: for an unknown path or a value the dataclass rejects.
+    ConfigError: for an unknown path or a value the dataclass rejects; the message starts with the whole flag
+      (``--train.epochs: ...``), whichever dataclass on the way rejected it.
   """
+  flag = _flag or f"--{path}"
   head, _, rest = path.partition(".")
   names = {f.name for f in dataclasses.fields(cfg)}
   if head not in names:
-    raise ConfigError(f"unknown config field {path!r} in {type(cfg).__name__}; known: {sorted(names)}")
+    raise ConfigError(f"unknown config field {flag[2:]!r} in {type(cfg).__name__}; known: {sorted(names)}")
   if rest:
-    value = replace_path(getattr(cfg, head), rest, value)
+    value = replace_path(getattr(cfg, head), rest, value, _flag=flag)
   try:
     return dataclasses.replace(cfg, **{head: value})
   except (TypeError, ValueError) as e:
-    raise ConfigError(f"--{path}: {e}") from e
+    raise ConfigError(f"{flag}: {e}") from e
 
 
 def add_flags(parser: argparse.ArgumentParser, cfg, exclude: Sequence[str] = ()) -> None:
@@ -238,3 +247,49 @@ def apply_flags(cfg, namespace: argparse.Namespace):
     path = key[4:]
     cfg = replace_path(cfg, path, parse_value(leaves[path], text, f"--{path}"))
   return cfg
+
+
+# --------------------------------------------------------------------------------------------- command line
+class ArgumentParser(argparse.ArgumentParser):
+  """``argparse.ArgumentParser`` whose errors are one line on stderr (exit status 2)::
+
+      python -m experiments mqar: error: --train.epochs: train.epochs must be a positive int, got -5 (python -m
+      experiments mqar --help lists the options)
+
+  instead of the whole usage block followed by the message.
+  """
+
+  def error(self, message: str):
+    message = " ".join(str(message).split())
+    self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
+
+
+def _number(kind: type, text: str, ok, what: str):
+  try:
+    value = kind(text)
+  except (TypeError, ValueError):
+    raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+  if isinstance(value, float) and not math.isfinite(value) or not ok(value):
+    raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+  return value
+
+
+def positive_int(text: str) -> int:
+  """argparse ``type=``: an int >= 1 (``--steps -5`` gives ``argument --steps: expected a positive int, got
+  '-5'``)."""
+  return _number(int, text, lambda v: v >= 1, "a positive int")
+
+
+def nonnegative_int(text: str) -> int:
+  """argparse ``type=``: an int >= 0."""
+  return _number(int, text, lambda v: v >= 0, "an int >= 0")
+
+
+def positive_float(text: str) -> float:
+  """argparse ``type=``: a finite float > 0 (learning rates, time budgets)."""
+  return _number(float, text, lambda v: v > 0, "a finite float > 0")
+
+
+def nonnegative_float(text: str) -> float:
+  """argparse ``type=``: a finite float >= 0."""
+  return _number(float, text, lambda v: v >= 0, "a finite float >= 0")

@@ -13,6 +13,17 @@ Pieces:
 - :func:`fit`: the loop. Dropout keys are ``fold_in(run key, step)`` and batches come from a Grain iterator whose
   position is checkpointed with the parameters and optimizer state, so after a kill the restarted command replays
   exactly the steps that were lost and ends with the same parameters, bit for bit, as an uninterrupted run.
+
+What :func:`fit` guarantees about what it records:
+
+- it resumes only from a checkpoint that reads back, matches its stored digest and holds finite values; a damaged
+  newest step is reported (:class:`~experiments.common.errors.CheckpointWarning`) and the previous one is used; with
+  none usable it trains from scratch, with a warning. Resuming prints ``resumed from step N of M``;
+- a non-finite loss or non-finite parameters stop training with
+  :class:`~experiments.common.errors.NonFiniteError` naming the step: nothing computed after it is evaluated or
+  checkpointed, so the run is never recorded as finished. The check costs no extra device sync per step: each
+  step returns a finiteness flag that is read at the next log, evaluation or checkpoint (at least every
+  :data:`FINITE_CHECK_EVERY` steps).
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from typing import Any, Callable, Mapping, NamedTuple, Protocol
 
 import jax
@@ -31,10 +43,30 @@ from tqdm.auto import tqdm
 
 from experiments.common import data as data_lib
 from experiments.common.checkpoint import Checkpointer
+from experiments.common.errors import CheckpointWarning, NonFiniteError
 from experiments.common.metrics import MetricWriter
 
 __all__ = ["TrainSettings", "TrainState", "adamw_cosine", "set_peak_lr", "Trainer", "FitResult", "Interrupted",
-           "fit"]
+           "NonFiniteError", "fit", "all_finite", "nonfinite_leaves"]
+
+FINITE_CHECK_EVERY = 64  # fit reads the per-step finiteness flags at least this often (one device sync)
+
+
+def all_finite(tree) -> jax.Array:
+  """Traceable: a bool scalar, True when every floating-point leaf of ``tree`` is finite."""
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+           if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+
+
+def nonfinite_leaves(tree) -> list[str]:
+  """Host-side: the key paths of the floating-point leaves of ``tree`` holding a NaN or an infinity."""
+  bad = []
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    a = np.asarray(jax.device_get(x))
+    if np.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all():
+      bad.append(jax.tree_util.keystr(path))
+  return bad
 
 
 class TrainSettings(Protocol):
@@ -118,6 +150,9 @@ class Trainer:
       returns every sum divided by the total count.
     total_steps: length of the schedule.
     settings: optimizer fields (:class:`TrainSettings`).
+
+  ``train_step(state, batch) -> (state, metrics)`` returns ``loss_fn``'s metrics plus ``loss``, ``lr``,
+  ``grad_norm`` and ``finite`` (bool: the loss and every updated parameter are finite; :func:`fit` reads it).
   """
 
   def __init__(self, model_fn: Callable[[nnx.Rngs], nnx.Module], loss_fn: LossFn, eval_fn: EvalFn, *,
@@ -140,7 +175,7 @@ class Trainer:
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       metrics = dict(metrics, loss=value, lr=opt_state[-1].lr * schedule(state.step),
-                     grad_norm=optax.tree.norm(grads))
+                     grad_norm=optax.tree.norm(grads), finite=jnp.isfinite(value) & all_finite(params))
       return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
     def eval_step(params, batch):
@@ -212,13 +247,16 @@ def fit(trainer: Trainer, *, lr: float, seed: int, train_source, eval_source, ba
         eval_batch_size: int, eval_every: int, checkpoint_dir=None, checkpoint_every: int | None = None,
         early_stop: tuple[str, float] | None = None, writer: MetricWriter | None = None, log_every: int = 50,
         pad_values: Mapping[str, int] | None = None, interrupt_after: int | None = None, progress: bool = True,
-        desc: str = "") -> FitResult:
+        desc: str = "", announce: bool = True) -> FitResult:
   """Trains for ``trainer.total_steps`` steps (or until early stopping), resuming from ``checkpoint_dir``.
 
   Every ``eval_every`` steps (and at the end) the model is evaluated on ``eval_source``; every
   ``checkpoint_every`` steps (default: at each evaluation), at early stopping and at the end, the state, the data
   iterator and the evaluation history are checkpointed. Calling ``fit`` again with the same arguments after a
-  kill resumes from the newest checkpoint; calling it after the run finished returns the stored result at once.
+  kill resumes from the newest usable checkpoint (printing ``resumed from step N of M``); calling it after the run
+  finished returns the stored result at once. A corrupt or truncated newest checkpoint is moved aside with a
+  :class:`~experiments.common.errors.CheckpointWarning` and the previous one is used (none usable: a warning, then
+  training from scratch).
 
   Args:
     trainer: the compiled steps.
@@ -235,7 +273,13 @@ def fit(trainer: Trainer, *, lr: float, seed: int, train_source, eval_source, ba
     interrupt_after: raise :class:`Interrupted` after this many steps of this call (tests use it to simulate a
       kill; nothing is saved at that point, so progress since the last checkpoint is lost, as in a real kill).
     progress: show a tqdm bar.
-    desc: the bar's label.
+    desc: the bar's label (also prefixes the resume message).
+    announce: print ``resumed from step N of M`` when resuming.
+
+  Raises:
+    NonFiniteError: a step produced a non-finite loss or non-finite parameters (the message names the step). No
+      evaluation or checkpoint of that step or later is written, so the run is not recorded as finished; the
+      checkpoints before it stay.
   """
   for name, v in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("eval_every", eval_every)):
     if not isinstance(v, int) or v < 1:
@@ -248,13 +292,42 @@ def fit(trainer: Trainer, *, lr: float, seed: int, train_source, eval_source, ba
   history: list[dict] = []
   done = False
   resumed_from = None
+  label = f"{desc}: " if desc else ""
   ckpt = Checkpointer(checkpoint_dir) if checkpoint_dir is not None else None
+  pending: list[tuple[int, jax.Array, jax.Array]] = []  # (step, finite flag, loss) not yet read back
+
+  def check_finite():
+    """Raises NonFiniteError for the first pending step whose loss or parameters are not finite."""
+    if not pending:
+      return
+    flags, losses = jax.device_get(([f for _, f, _ in pending], [loss for _, _, loss in pending]))
+    for (s, _, _), ok, loss in zip(pending, flags, losses):
+      if not bool(ok):
+        what = "loss" if not math.isfinite(float(loss)) else "parameters (the loss was finite)"
+        last = ckpt.latest_step() if ckpt is not None else None
+        kept = (f"checkpoints up to step {last} in {ckpt.directory} are kept" if last is not None
+                else "no checkpoint was written")
+        raise NonFiniteError(f"{label}non-finite {what} at step {s} of {total} (loss {float(loss)}, peak lr {lr:g}); "
+                             f"training stopped and the run is not recorded as finished; {kept}",
+                             step=s, loss=float(loss))
+    pending.clear()
+
+  def restored_is_finite(st) -> str | None:
+    bad = nonfinite_leaves(st)
+    return f"it holds non-finite values ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})" if bad else None
+
   try:
-    if ckpt is not None and ckpt.latest_step() is not None:
-      resumed_from = ckpt.latest_step()
-      state, meta = ckpt.restore(state, data_iter)
-      history = list(meta.get("history", []))
-      done = bool(meta.get("done", False))
+    if ckpt is not None and ckpt.all_steps():
+      restored = ckpt.restore_latest(state, data_iter, validate=restored_is_finite)
+      if restored is None:
+        warnings.warn(f"{label}no usable checkpoint in {ckpt.directory}: training from scratch", CheckpointWarning,
+                      stacklevel=2)
+      else:
+        resumed_from, state = restored.step, restored.state
+        history = list(restored.meta.get("history", []))
+        done = bool(restored.meta.get("done", False))
+        if announce:
+          print(f"{label}resumed from step {restored.step} of {total}", flush=True)
     step = int(state.step)
     stopped_early = bool(history and early_stop and history[-1].get(early_stop[0], -math.inf) > early_stop[1])
     done = done or step >= total or stopped_early
@@ -265,13 +338,18 @@ def fit(trainer: Trainer, *, lr: float, seed: int, train_source, eval_source, ba
       state, metrics = trainer.train_step(state, batch)
       step += 1
       n_this_call += 1
+      pending.append((step, metrics.pop("finite"), metrics["loss"]))
       bar.update(1)
-      if log_every and step % log_every == 0:
+      is_eval = step % eval_every == 0 or step == total
+      is_log = bool(log_every) and step % log_every == 0
+      if is_eval or is_log or len(pending) >= FINITE_CHECK_EVERY or step % checkpoint_every == 0:
+        check_finite()  # before anything of this step is logged, evaluated or saved
+      if is_log:
         metrics = jax.device_get(metrics)
         bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
         if writer is not None:
           writer.write(step, {f"train/{k}": v for k, v in metrics.items()})
-      if step % eval_every == 0 or step == total:
+      if is_eval:
         ev = trainer.evaluate(state.params, eval_source, eval_batch_size, pad_values)
         history.append({"step": step, **ev})
         if writer is not None:
@@ -280,9 +358,11 @@ def fit(trainer: Trainer, *, lr: float, seed: int, train_source, eval_source, ba
           stopped_early = True
         done = stopped_early or step >= total
       if ckpt is not None and (step % checkpoint_every == 0 or done):
+        check_finite()
         ckpt.save(step, state, data_iter, meta={"history": history, "done": done})
       if interrupt_after is not None and n_this_call >= interrupt_after and not done:
         raise Interrupted(step)
+    check_finite()
     bar.close()
   finally:
     if ckpt is not None:

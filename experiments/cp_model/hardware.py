@@ -1,14 +1,15 @@
 """Hardware parameters of the context-parallel cost model, with where each number comes from.
 
 Attention throughput (the rate the local attention kernel sustains) is taken from measurements where we have them:
-``../shared/anchors/h200.md`` measured cuDNN (``jax.nn``) softmax attention on one H200 at 570-650 TFLOP/s forward
-and 496-553 TFLOP/s forward+backward (bf16, D=128, FLOPs counted as in :mod:`experiments.bench.flops`). The H100
-uses the same rates: it is the same GH100 compute die at the same clocks, and attention at D=128 is compute-bound
-(the H200's extra HBM bandwidth and capacity do not change it); ``anchors.md`` section 4.1 reports 540-680 TFLOP/s
-forward on H100 for cuDNN/FA3-class kernels, consistent with this. TPU v5p numbers are public specifications (Google
-Cloud TPU v5p page: 459 TFLOP/s bf16, 2,765 GB/s HBM, 4,800 Gbps ICI per chip) plus the splash-attention forward
-rate derived from tokamax's autotuning cache (``anchors.md`` section 4.2: 343 TFLOP/s causal, 410 non-causal at
-D=128); its backward rate is an assumption (no published number).
+cuDNN softmax attention via ``jax.nn.dot_product_attention``, measured by the project on one H200 (2026-11-27, jax
+0.11.2, CUDA 13), ran at 570-650 TFLOP/s forward and 496-553 TFLOP/s forward+backward (bf16, D=128, FLOPs counted
+as in :mod:`experiments.bench.flops`). The H100 uses the same rates: it is the same GH100 compute die at the same
+clocks, and attention at D=128 is compute-bound (the H200's extra HBM bandwidth and capacity do not change it);
+published H100 numbers for cuDNN/FA3-class kernels are 540-680 TFLOP/s forward (FlashAttention-3, Shah et al. 2024,
+arXiv:2407.08608, and MagiAttention's benchmark charts), consistent with this. TPU v5p numbers are public
+specifications (Google Cloud TPU v5p page: 459 TFLOP/s bf16, 2,765 GB/s HBM, 4,800 Gbps ICI per chip) plus the
+splash-attention forward rate derived from the autotuning cache shipped with tokamax (openxla/tokamax: 343 TFLOP/s
+causal, 410 non-causal at D=128); its backward rate is an assumption (no published number).
 
 Links: an H100/H200 HGX node has 8 GPUs on NVLink 4 / NVSwitch (900 GB/s bidirectional per GPU, so 450 GB/s each
 way) and one 400 Gb/s InfiniBand NDR NIC per GPU between nodes (50 GB/s each way) - NVIDIA's public specifications.
@@ -102,7 +103,7 @@ class Hardware:
     return max(intra / (self.intra_gbps * 1e9), inter / (self.inter_gbps * 1e9)) + self.inter_latency_us * 1e-6
 
 
-_GPU_SOURCE = ("attention rates measured on an H200 (anchors/h200.md, cuDNN via jax.nn, bf16 D=128); NVLink 4 "
+_GPU_SOURCE = ("attention rates measured on an H200 (cuDNN via jax.nn, bf16 D=128, 2026-11-27); NVLink 4 "
                "450 GB/s/direction, IB NDR 400 Gb/s per GPU (NVIDIA specs)")
 HARDWARE: dict[str, Hardware] = {
     "h100": Hardware("H100 SXM (HGX, 8/node)", 600.0, 530.0, 989.0, 80.0, 8, 450.0, 50.0, 1, False, 5.0, 10.0,
@@ -111,7 +112,7 @@ HARDWARE: dict[str, Hardware] = {
                      _GPU_SOURCE),
     "tpu_v5p": Hardware("TPU v5p (3-D torus)", 343.0, 300.0, 459.0, 95.0, 1 << 30, 100.0, 100.0, 6, True, 5.0, 5.0,
                         "public specs (459 TF/s bf16, 95 GB HBM, 4,800 Gbps ICI/chip = 6 x 100 GB/s assumed per "
-                        "direction); fwd rate from tokamax splash cache (anchors.md 4.2); bwd rate assumed"),
+                        "direction); fwd rate from tokamax's splash autotuning cache; bwd rate assumed"),
 }
 
 

@@ -12,7 +12,7 @@ a summary at the largest ``T``, the full table) and ``cp_model.png``.
 
 Example::
 
-  python -m experiments cp_model                      # default preset -> experiments/results/cp_model/
+  python -m experiments cp_model                      # default preset -> runs/cp_model/
   python -m experiments cp_model --preset tiny --out /tmp/cp
 """
 
@@ -29,10 +29,11 @@ import numpy as np
 from configs import cp_model as cp_configs
 from jaxattn import masks as masks_lib
 
+from experiments.common import config as config_lib
 from experiments.cp_model import hardware as hw_lib
 from experiments.cp_model import model
 
-DEFAULT_OUT = pathlib.Path(__file__).resolve().parents[1] / "results" / "cp_model"
+DEFAULT_OUT = pathlib.Path("runs/cp_model")  # git-ignored; the committed reference is experiments/results/cp_model/
 # (strategy, layout) rows of every table
 VARIANTS = (("ring", "zigzag"), ("ring", "contiguous"), ("all_gather", "zigzag"), ("ulysses", "-"), ("usp", "zigzag"))
 
@@ -213,7 +214,7 @@ def plot(rows: Sequence[dict], preset: cp_configs.CPModelPreset, path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m experiments cp_model", description=__doc__.split("\n\n")[0])
+  parser = config_lib.ArgumentParser(prog="python -m experiments cp_model", description=__doc__.split("\n\n")[0])
   parser.add_argument("--preset", default="default", choices=sorted(cp_configs.PRESETS),
                       help="; ".join(f"{p.name}: {p.description}" for p in cp_configs.PRESETS.values()))
   parser.add_argument("--out", default=str(DEFAULT_OUT), help="output directory (default: %(default)s)")

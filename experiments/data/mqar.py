@@ -1,4 +1,4 @@
-r"""Multi-query associative recall (MQAR), Zoology's synthetic recall task (papers/efficient.md section 4).
+r"""Multi-query associative recall (MQAR), Zoology's synthetic recall task (Arora et al. 2023, arXiv:2312.04927).
 
 Each example of length ``N`` starts with ``D`` key-value pairs ``k_1 v_1 ... k_D v_D``: keys are ``D`` distinct
 tokens from ``[1, V/2)``, values ``D`` distinct tokens from ``[V/2, V)``. Every key re-appears once in the rest of

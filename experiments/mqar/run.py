@@ -1,25 +1,30 @@
-"""``python -m experiments mqar``: Zoology's multi-query associative recall sweep (papers/efficient.md section 4).
+"""``python -m experiments mqar``: Zoology's multi-query associative recall sweep (arXiv:2312.04927).
 
-Trains the 2-layer Zoology scaffold with each sequence mixer on MQAR for every (task, mixer, d_model, lr) of a
-preset (``configs/mqar.py``), then prints the test-accuracy table (best learning rate per cell, as in Zoology's
-Figure 2) and writes to the work directory:
+Trains the 2-layer Zoology scaffold (:mod:`experiments.mqar.zoology`) with each sequence mixer on MQAR for every
+(task, mixer, d_model, lr) of a preset (``configs/mqar.py``), showing overall progress (run k of M, elapsed, ETA),
+then prints the finding: the test-accuracy table (best learning rate per cell, as in Zoology's Figure 2) with the
+method (attention, the sparse-attention hybrid) next to the baseline (BaseConv) and Zoology's claim beside ours,
+and a one-line verdict (:func:`verdict`: reproduced / partly / not, with the reason). It writes to the output folder
+(``--out``; default ``runs/mqar/``, git-ignored):
 
 - ``results.json``: one row per run (mixer, N, D, d_model, lr, final and best accuracy, steps, early stop, wall
-  time, state size, parameter count) plus the table, the config and the environment;
-- ``results.md``: the table; ``mqar_accuracy.png``: accuracy against d_model, one panel per N;
+  time, state size, parameter count) plus the tables, the verdict, the config and the environment;
+- ``results.md``: the finding table and the verdict; ``mqar_accuracy.png``: accuracy against d_model, one panel per N;
 - ``metrics.jsonl`` (every run's training and evaluation rows), ``config.json``, ``tensorboard/`` when
   tensorboardX is installed, and ``checkpoints/<run>/`` while a run is in progress.
 
-The sweep is resumable: re-running the same command skips finished runs and resumes an interrupted run from its
-last Orbax checkpoint (parameters, optimizer state and Grain iterator position), ending with exactly the parameters
-an uninterrupted run would have. One compiled train/eval step serves every learning rate of an architecture.
+The sweep is resumable: re-running the same command skips finished runs (saying so) and resumes an interrupted run
+from its last Orbax checkpoint (parameters, optimizer state and Grain iterator position), ending with exactly the
+parameters an uninterrupted run would have. One compiled train/eval step serves every learning rate of an
+architecture. The committed reference results (``experiments/results/mqar/``) are never a default output or
+resume point; name them with ``--out`` to rebuild them.
 
 Examples::
 
-  python -m experiments mqar                          # default preset, about 10 minutes on 2 CPU cores
+  python -m experiments mqar                          # default preset, about 7 minutes on 2 idle CPU cores
   python -m experiments mqar --preset smoke           # under 2 minutes
-  python -m experiments mqar --preset gpu --workdir /tmp/mqar_gpu
-  python -m experiments mqar --mixers attention,baseconv --d_models 64 --train.epochs 8 --workdir /tmp/mqar_x
+  python -m experiments mqar --preset gpu --out /tmp/mqar_gpu
+  python -m experiments mqar --mixers attention,baseconv --d_models 64 --train.epochs 2 --out /tmp/mqar_x
   python -m experiments mqar --preset cpu_long --tasks 128:8 --d_models 64   # part of a sweep now, the rest later
   python -m experiments mqar --preset cpu_long --report   # the table of whatever has finished so far
 """
@@ -41,10 +46,11 @@ from typing import Sequence
 from configs import mqar as mqar_configs
 from configs.mqar import MQARConfig, Task
 from experiments.common import config as config_lib
+from experiments.common.paths import default_out_dir
 
 __all__ = ["main", "run_sweep", "Run", "plan_runs", "accuracy_table"]
 
-DEFAULT_WORKDIR = pathlib.Path("experiments/results/mqar")
+DEFAULT_WORKDIR = default_out_dir("mqar")  # runs/mqar (git-ignored); the reference: experiments/results/mqar/
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +110,89 @@ def accuracy_table(rows: list[dict], cfg: MQARConfig) -> tuple[str, dict]:
     vals = [cells.get(m, {}).get(t.name, {}).get(d) for t, d in cols]
     lines.append(f"| {m} | " + " | ".join("—" if v is None else f"{v:.3f}" for v in vals) + " |")
   return "\n".join(lines), cells
+
+
+# Zoology's Figure 2 (Arora et al. 2023), per mixer: what the paper reports for 2-layer models trained to
+# convergence (V=8192, 100K examples x 64 epochs, best of four learning rates).
+PAPER_CLAIMS: dict[str, str] = {
+    "attention": "solves MQAR (~1.0) at every d_model and N",
+    "sliding_window": "fails once queries fall outside the window",
+    "baseconv": "fails at small d_model; needs d_model growing with N (and D)",
+    "linear": "degrades as N grows at fixed d_model",
+    "based": "close to attention",
+    "hybrid": "close to attention (input-dependent sparse attention closes the gap)",
+}
+SOLVED = 0.9  # a mixer "solves" a setting at test accuracy >= this
+
+
+def plateau_ceiling(num_kv_pairs: int) -> float:
+  """Accuracy still counted as the ``1/D`` plateau (answering with one of the ``D`` values seen, or the last one):
+  ``1.5 / D``, i.e. 0.375 for D = 4."""
+  return 1.5 / num_kv_pairs
+
+
+def verdict(cells: dict, cfg: MQARConfig) -> tuple[str, list[dict]]:
+  """Zoology's separation, checked per setting (task, d_model): attention and the hybrid reach :data:`SOLVED`
+  test accuracy while BaseConv stays at its ``1/D`` plateau (below :func:`plateau_ceiling`).
+
+  Returns:
+    ``(line, settings)``: a one-line verdict (``reproduced`` when every setting separates and there are at least
+    two, ``partly`` when some do, ``not reproduced`` when none does, with the reason) and one dict per setting
+    (``task``, ``d_model``, ``separates``, ``why``). Mixers missing from the sweep or the results are reported as
+    missing, never assumed.
+  """
+  need = ("attention", "baseconv", "hybrid")
+  missing = [m for m in need if m not in cfg.mixers]
+  if missing:
+    return (f"verdict: not tested: the separation needs {', '.join(need)} in the sweep "
+            f"(missing {', '.join(missing)})"), []
+  settings = []
+  for t in cfg.tasks:
+    for d in cfg.d_models:
+      acc = {m: cells.get(m, {}).get(t.name, {}).get(d) for m in need}
+      name = f"N={t.seq_len} D={t.num_kv_pairs} d={d}"
+      why = []
+      for m in need:
+        if acc[m] is None:
+          why.append(f"{m} not run")
+      if not why:
+        for m in ("attention", "hybrid"):
+          if acc[m] < SOLVED:
+            why.append(f"{m} {acc[m]:.2f} < {SOLVED}")
+        if acc["baseconv"] >= plateau_ceiling(t.num_kv_pairs):
+          why.append(f"baseconv {acc['baseconv']:.2f} left its 1/D={1 / t.num_kv_pairs:.2f} plateau")
+      settings.append({"setting": name, "task": t.name, "d_model": d, "separates": not why,
+                       "why": "; ".join(why)})
+  good = [s["setting"] for s in settings if s["separates"]]
+  bad = [f"{s['setting']} ({s['why']})" for s in settings if not s["separates"]]
+  rule = (f"attention and hybrid >= {SOLVED}, baseconv < 1.5/D")
+  if good and not bad and len(good) >= 2:
+    line = (f"verdict: reproduced: Zoology's separation ({rule}) holds in all {len(good)} settings "
+            f"({', '.join(good)})")
+  elif good:
+    line = (f"verdict: partly reproduced: the separation ({rule}) holds in {len(good)} of {len(settings)} "
+            f"setting(s) ({', '.join(good)})" + (f"; not in {'; '.join(bad)}" if bad else
+                                                 "; Zoology's claim needs at least two"))
+  else:
+    line = f"verdict: not reproduced: no setting separates ({rule}): {'; '.join(bad)}"
+  return line, settings
+
+
+def finding_table(cells: dict, cfg: MQARConfig) -> str:
+  """Markdown: the method (attention, hybrid) next to the baseline (BaseConv) and the other mixers, one column per
+  setting, then the ``1/D`` plateau and Zoology's claim for each mixer beside ours."""
+  cols = [(t, d) for t in cfg.tasks for d in cfg.d_models]
+  order = [m for m in ("attention", "hybrid", "baseconv") if m in cfg.mixers]
+  order += [m for m in cfg.mixers if m not in order]
+  lines = ["| mixer | " + " | ".join(f"N={t.seq_len} D={t.num_kv_pairs} d={d}" for t, d in cols)
+           + " | Zoology, Figure 2 (paper) |", "|---|" + "---:|" * len(cols) + "---|"]
+  for m in order:
+    vals = [cells.get(m, {}).get(t.name, {}).get(d) for t, d in cols]
+    lines.append(f"| {m} | " + " | ".join("—" if v is None else f"{v:.3f}" for v in vals)
+                 + f" | {PAPER_CLAIMS.get(m, '')} |")
+  lines.append("| *1/D plateau* | " + " | ".join(f"{1 / t.num_kv_pairs:.3f}" for t, _ in cols)
+               + " | chance among the D values in context |")
+  return "\n".join(lines)
 
 
 def _plot(cells: dict, cfg: MQARConfig, path: pathlib.Path) -> None:
@@ -193,9 +282,17 @@ def run_sweep(cfg: MQARConfig, workdir: str | pathlib.Path, *, progress: bool = 
     _atomic_write(workdir / "results.json", json.dumps(out, indent=1) + "\n")
     return out, table, cells
 
-  for run in runs:
-    if not train or run.name in done or run.arch not in my_archs:
-      continue
+  todo = [r for r in runs if train and r.name not in done and r.arch in my_archs]
+  if verbose and main_process and train:
+    finished = sum(r.name in done for r in runs)
+    if finished:
+      print(f"{finished} of {len(runs)} runs already finished in {workdir}/ (same settings): "
+            f"{'skipping them' if todo else 'nothing to train'}; --fresh retrains", flush=True)
+  from tqdm.auto import tqdm
+  overall = tqdm(total=len(todo), unit="run", disable=not (progress and main_process and todo), dynamic_ncols=True,
+                 bar_format="{desc}({n_fmt} done) |{bar}| elapsed {elapsed}, ETA {remaining}")
+  for k, run in enumerate(todo):
+    overall.set_description(f"mqar: run {k + 1} of {len(todo)}")
     task = run.task
     if task not in sources:
       d = cfg.data
@@ -230,9 +327,12 @@ def run_sweep(cfg: MQARConfig, workdir: str | pathlib.Path, *, progress: bool = 
       record(list(done.values()))
     if not cfg.keep_checkpoints:
       shutil.rmtree(ckpt_root / run.name, ignore_errors=True)
+    overall.update(1)
     if verbose and main_process:
-      print(f"{run.name:<40} acc {row['accuracy']:.3f} (best {row['best_accuracy']:.3f}) steps {row['steps']:>5}/"
-            f"{total} {'early stop ' if row['stopped_early'] else ''}{row['wall_s']:.1f}s", flush=True)
+      overall.write(f"[{k + 1}/{len(todo)}, {time.time() - t_sweep:.0f} s] {run.name:<34} acc {row['accuracy']:.3f} "
+                    f"(best {row['best_accuracy']:.3f}) steps {row['steps']:>5}/{total} "
+                    f"{'early stop ' if row['stopped_early'] else ''}{row['wall_s']:.1f}s")
+  overall.close()
 
   if ckpt_root.exists() and not any(ckpt_root.iterdir()):
     ckpt_root.rmdir()
@@ -244,12 +344,18 @@ def run_sweep(cfg: MQARConfig, workdir: str | pathlib.Path, *, progress: bool = 
   rows_all = sorted(done.values(), key=lambda r: order.get(r["run"], len(order)))
   out, table, cells = record(rows_all) if main_process else ({}, "", {})
   if main_process:
-    _atomic_write(workdir / "results.md", f"# MQAR, preset {cfg.name}\n\n{table}\n")
+    findings = finding_table(cells, cfg)
+    line, settings = verdict(cells, cfg)
+    out["finding_markdown"], out["verdict"], out["settings"] = findings, line, settings
+    _atomic_write(workdir / "results.json", json.dumps(out, indent=1) + "\n")
+    _atomic_write(workdir / "results.md", f"# MQAR, preset {cfg.name}\n\n{cfg.description}\n\n"
+                  f"Test accuracy ({cfg.data.num_test} examples, best lr per cell):\n\n{findings}\n\n{line}\n")
     _plot(cells, cfg, workdir / "mqar_accuracy.png")
     if verbose:
-      print(f"\nMQAR test accuracy (best lr per cell), preset {cfg.name}, V={cfg.data.vocab_size}:\n\n{table}\n")
-      print(f"{len(new_rows)} runs trained in {time.time() - t_sweep:.1f} s; outputs in {workdir}/ "
+      print(f"\n{len(new_rows)} runs trained in {time.time() - t_sweep:.1f} s; outputs in {workdir}/ "
             f"(results.json, results.md, mqar_accuracy.png, metrics.jsonl)")
+      print(f"\nMQAR test accuracy (best lr per cell), preset {cfg.name}, V={cfg.data.vocab_size}:\n\n"
+            f"{findings}\n\n{line}", flush=True)
   return out
 
 
@@ -281,15 +387,16 @@ def _gather_rows(done: dict, new_rows: list[dict]) -> dict:
 
 
 def _build_parser(cfg: MQARConfig) -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
+  p = config_lib.ArgumentParser(  # one-line errors
       prog="python -m experiments mqar", description=__doc__.split("\n\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter,
       epilog="presets:\n" + "\n".join(f"  {n}: {c.description}" for n, c in mqar_configs.PRESETS.items()))
   p.add_argument("--preset", default="default", choices=sorted(mqar_configs.PRESETS),
                  help="the sweep (default: default)")
-  p.add_argument("--workdir", default=None,
-                 help=f"output folder (default {DEFAULT_WORKDIR}/ for the default preset, "
-                      f"{DEFAULT_WORKDIR}/<preset>/ otherwise)")
+  p.add_argument("--out", "--workdir", dest="workdir", default=None,
+                 help=f"output folder, also the resume point (default {DEFAULT_WORKDIR}/ for the default preset, "
+                      f"{DEFAULT_WORKDIR}/<preset>/ otherwise; the committed reference results under "
+                      f"experiments/results/mqar/ are read or overwritten only when named here)")
   p.add_argument("--fresh", action="store_true", help="discard earlier results in the work directory")
   p.add_argument("--report", action="store_true",
                  help="train nothing: rebuild the table, results.md and the plot from the finished runs")
@@ -328,9 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   initialize(args.distributed)  # before anything touches the devices
   workdir = pathlib.Path(args.workdir) if args.workdir else (
       DEFAULT_WORKDIR if cfg.name == "default" else DEFAULT_WORKDIR / cfg.name)
-  t0 = time.time()
   if args.report and args.fresh:
     raise SystemExit("--report and --fresh together would discard the results the report is built from")
   run_sweep(cfg, workdir, progress=not args.no_progress, fresh=args.fresh, train=not args.report)
-  print(f"wall time {time.time() - t0:.1f} s")
   return 0

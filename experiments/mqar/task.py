@@ -17,7 +17,7 @@ from flax import nnx
 
 from configs.mqar import ModelConfig, Task
 from experiments.data.mqar import IGNORE_INDEX
-from jaxattn.nn.zoology import ZooLM
+from experiments.mqar.zoology import ZooLM
 
 __all__ = ["build_model", "labelled", "loss_fn", "eval_fn"]
 
@@ -27,7 +27,7 @@ def build_model(m: ModelConfig, vocab_size: int, task: Task, mixer: str, d_model
   return ZooLM(vocab_size, d_model, task.seq_len, mixer, num_layers=m.num_layers,
                embed_dropout=m.embed_dropout, init_std=m.init_std, num_heads=m.num_heads, window=m.window,
                short_kernel=m.short_kernel, feature_dim=m.feature_dim, selection_penalty=m.selection_penalty,
-               rngs=rngs)
+               use_rope=m.rope, rngs=rngs)
 
 
 def labelled(model: ZooLM, batch, num_labels: int, *, train: bool, key=None):

@@ -15,7 +15,7 @@ Evaluation (the same ``eval_samples`` prompts for every method, per length):
 
 accuracy = fraction of prompts whose 5 answer digits are all predicted (argmax) correctly, i.e. greedy exact match.
 
-Outputs in ``--out`` (default ``experiments/results/passkey``): ``passkey.json`` (config, training curve, results,
+Outputs in ``--out`` (default ``runs/passkey``): ``passkey.json`` (config, training curve, results,
 timings), ``passkey.md`` (the table) and ``passkey.png`` (accuracy against length). ``--checkpoint-dir`` saves the
 trained parameters with Orbax (and ``--eval-only`` restores them instead of training).
 
@@ -42,11 +42,12 @@ from flax import nnx
 from tqdm import tqdm
 
 from configs.passkey import PRESETS, PasskeyConfig
+from experiments.common import config as config_lib
 from experiments.passkey import data
 from experiments.passkey.model import PasskeyLM
 from jaxattn.ops.landmark import data as lm_data
 
-DEFAULT_OUT = pathlib.Path(__file__).resolve().parents[1] / "results" / "passkey"
+DEFAULT_OUT = pathlib.Path("runs/passkey")  # git-ignored; the committed reference is experiments/results/passkey/
 
 
 # ------------------------------------------------------------------------------------------------------ training
@@ -208,10 +209,10 @@ def _checkpointer():
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m experiments passkey", description=__doc__.split("\n\n")[0])
+  p = config_lib.ArgumentParser(prog="python -m experiments passkey", description=__doc__.split("\n\n")[0])
   p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
-  p.add_argument("--steps", type=int, help="override the preset's training steps")
-  p.add_argument("--eval-samples", type=int, help="override the preset's prompts per length")
+  p.add_argument("--steps", type=config_lib.positive_int, help="override the preset's training steps")
+  p.add_argument("--eval-samples", type=config_lib.positive_int, help="override the preset's prompts per length")
   p.add_argument("--retrieval-mode", choices=("per_token_and_head", "max_over_heads", "max_over_tokens"),
                  help="override the preset's block selection (with --eval-only: evaluate a trained model this way)")
   p.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT)

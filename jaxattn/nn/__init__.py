@@ -9,8 +9,6 @@
 - :class:`LinearAttention`: kernelised linear attention (elu+1, ReLU, cosFormer, Performer) with CAB patterns.
 - TransNormerLLM: :class:`SRMSNorm`, :class:`SGLU`, :class:`LRPE`, :class:`GatedLinearAttention`,
   :class:`TransNormerBlock`, :class:`TransNormerLM`, :func:`tnl_decay_slopes`.
-- :mod:`jaxattn.nn.zoology`: the Zoology scaffold (``ZooLM``) and its sequence mixers (softmax / sliding-window
-  attention, BaseConv, decayed linear attention, Based, the sigmoid-selection sparse-attention hybrid).
 """
 
 from jaxattn.nn.adapters import AttentionFn as AttentionFn
@@ -29,4 +27,3 @@ from jaxattn.nn.transnormer import TransNormerBlock as TransNormerBlock
 from jaxattn.nn.transnormer import TransNormerLM as TransNormerLM
 from jaxattn.nn.transnormer import srms_norm as srms_norm
 from jaxattn.nn.transnormer import tnl_decay_slopes as tnl_decay_slopes
-from jaxattn.nn import zoology as zoology

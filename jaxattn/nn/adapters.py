@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -42,13 +41,13 @@ class AttentionFn:
   Attributes:
     mask: static mask applied to every call (combined with ``is_causal`` and any dense mask the layer passes).
     implementation: passed to :func:`jaxattn.softmax_attention`.
-    logits_soft_cap: logit soft cap (cannot be combined with dense mask arrays, see :func:`as_attention_fn`).
+    logits_soft_cap: logit soft cap.
     scale: logit scale (default ``D ** -0.5``, as in flax).
-    block_sizes: block sizes for the blockwise implementations.
+    block_sizes: tiles for whichever blockwise backend runs (``softmax_attention``'s ``block_sizes=``).
   """
 
   mask: Mask | None = None
-  implementation: str | tuple[str, ...] | None = None
+  implementation: str | tuple | None = None
   logits_soft_cap: float | None = None
   scale: float | None = None
   block_sizes: BlockSizes | None = None
@@ -65,36 +64,36 @@ class AttentionFn:
       value: ``[batch..., S, G, E]``.
       bias: additive logit bias broadcastable to ``[batch..., H, T, S]``.
       mask: dense boolean mask broadcastable to ``[batch..., H, T, S]`` (True = attend), or None.
-      dropout_rate, deterministic: attention-weight dropout is not supported: ``dropout_rate > 0`` with
-        ``deterministic=False`` raises.
+      dropout_rate, deterministic, dropout_rng: attention-weight dropout (``dropout_rate > 0`` and
+        ``deterministic=False``; needs ``dropout_rng``), applied to the normalised probabilities with kept ones
+        scaled by ``1 / (1 - dropout_rate)``, drawn independently per (batch, head, query, key) (see
+        :func:`jaxattn.softmax_attention`; served by the ``xla`` / ``reference`` paths).
       dtype: computation dtype (default: promote the inputs).
       precision: ignored (f32 inputs are computed at highest precision by the jaxattn implementations).
       module: must be None (jaxattn never materialises the attention weights, so it cannot sow them).
       promote_dtype: optional flax dtype promotion function ``((q, k, v), dtype=) -> (q, k, v)``.
       is_causal: add a ``Causal()`` (top-left aligned, ``j <= i``) mask, as ``jax.nn.dot_product_attention``.
-      broadcast_dropout, dropout_rng, force_fp32_for_softmax: accepted for compatibility; unused (softmax
-        statistics are always f32).
+      broadcast_dropout, force_fp32_for_softmax: accepted for compatibility; unused (dropout bits are never
+        broadcast over batch / heads; softmax statistics are always f32).
       qk_attn_weights_einsum, attn_weights_value_einsum: must be None.
 
     Returns:
       ``[batch..., T, H, E]`` in the (promoted) query dtype.
 
     Raises:
-      NotImplementedError: for training-mode dropout, ``module`` (sowing weights), einsum overrides, or a dense
-        mask combined with ``logits_soft_cap``.
-      ValueError: on shapes that do not line up.
+      NotImplementedError: for ``module`` (sowing weights) or einsum overrides.
+      ValueError: on shapes that do not line up, or training-mode dropout without ``dropout_rng``.
     """
-    if dropout_rate > 0.0 and not deterministic:
-      raise NotImplementedError(
-          f"jaxattn attention has no attention-weight dropout (got dropout_rate={dropout_rate} with "
-          f"deterministic=False); build the layer with dropout_rate=0.0 or call it with deterministic=True")
+    train_dropout = dropout_rate > 0.0 and not deterministic
+    if train_dropout and dropout_rng is None:
+      raise ValueError(f"dropout_rate={dropout_rate} with deterministic=False needs a dropout_rng")
     if module is not None:
       raise NotImplementedError("jaxattn never materialises attention weights, so it cannot sow them "
                                 "(sow_weights=True); use flax's dot_product_attention for that")
     if qk_attn_weights_einsum is not None or attn_weights_value_einsum is not None:
       raise NotImplementedError("custom attention einsums (qk_attn_weights_einsum / attn_weights_value_einsum) "
                                 "are not supported by jaxattn")
-    del broadcast_dropout, dropout_rng, precision, force_fp32_for_softmax
+    del broadcast_dropout, precision, force_fp32_for_softmax
     if promote_dtype is not None:
       query, key, value = promote_dtype((query, key, value), dtype=dtype)
     else:
@@ -118,24 +117,19 @@ class AttentionFn:
     full_bias = None
     if bias is not None:
       full_bias = _flatten_heads_last(jnp.asarray(bias, jnp.float32), batch, H, T, S, "bias")  # [B|1, H|1, T, S]
-    row_any = None
+    att_mask = static
     if mask is not None:
-      if self.logits_soft_cap is not None:
-        raise NotImplementedError("a dense mask array cannot be combined with logits_soft_cap: the mask is routed "
-                                  "as an additive bias, which the soft cap would bound; use a static jaxattn mask")
+      # The dense mask goes to softmax_attention as a boolean mask array (exact: masked pairs excluded after the
+      # soft cap; rows with no allowed key return 0, jaxattn's convention, where flax's default returns the mean of
+      # the values); a static mask given here is folded into it.
       allowed = _flatten_heads_last(jnp.asarray(mask).astype(bool), batch, H, T, S, "mask")  # [B|1, H|1, T, S]
-      # Masked logits get a large finite negative bias: exp underflows to exactly 0 in every partially masked row.
-      # Rows with no allowed key would average all values instead, so their output is zeroed below (jaxattn's
-      # convention for empty rows; flax's default attention returns the mean of the values there).
-      big_negative = -0.7 * float(jnp.finfo(q.dtype).max)
-      mask_bias = jnp.where(allowed, 0.0, big_negative).astype(jnp.float32)
-      full_bias = mask_bias if full_bias is None else full_bias + mask_bias
-      row_any = allowed.any(-1)  # [B|1, H|1, T]
-    out = softmax_attention(q, k, v, mask=static, bias=full_bias, scale=self.scale,
-                  logits_soft_cap=self.logits_soft_cap, implementation=self.implementation,
-                  block_sizes=self.block_sizes)  # [B, T, H, E]
-    if row_any is not None:
-      out = jnp.where(row_any.transpose(0, 2, 1)[..., None], out, jnp.zeros((), out.dtype))
+      if static is not None:
+        allowed = allowed & jnp.asarray(static.to_dense(T, S))
+      att_mask = allowed
+    out = softmax_attention(q, k, v, mask=att_mask, bias=full_bias, scale=self.scale,
+                            logits_soft_cap=self.logits_soft_cap, implementation=self.implementation,
+                            block_sizes=self.block_sizes, dropout_rate=dropout_rate if train_dropout else 0.0,
+                            dropout_rng=dropout_rng if train_dropout else None)  # [B, T, H, E]
     return out.reshape(*batch, T, H, out.shape[-1])
 
 
@@ -157,7 +151,7 @@ def _flatten_heads_last(x, batch: tuple[int, ...], H: int, T: int, S: int, name:
   return jnp.broadcast_to(x, (*(batch if b > 1 else (1,) * len(batch)), h, T, S)).reshape(b, h, T, S)
 
 
-def as_attention_fn(*, mask: Mask | None = None, implementation: str | Sequence[str] | None = None,
+def as_attention_fn(*, mask: Mask | None = None, implementation=None,
                     logits_soft_cap: float | None = None, scale: float | None = None,
                     block_sizes: BlockSizes | None = None) -> AttentionFn:
   """A flax ``attention_fn`` that runs :func:`jaxattn.softmax_attention`.
@@ -168,21 +162,23 @@ def as_attention_fn(*, mask: Mask | None = None, implementation: str | Sequence[
   How flax's arguments map:
 
   - ``mask`` (dense boolean ``[batch..., H|1, T, S]``, e.g. padding masks or the mask flax builds when decoding with
-    its own cache): routed exactly, as an additive bias of 0 / large-negative (this builds a ``T x S`` array, as
-    flax does) plus zeroing the output of rows with no allowed key. Such rows return 0 (jaxattn's convention), not
-    the mean of the values that flax's default returns. For speed prefer the static ``mask`` given here.
+    its own cache): routed exactly as ``softmax_attention(mask=<bool array>)`` (the static mask folded in; served
+    by the ``xla`` / ``reference`` paths, which hold a ``T x S`` array, as flax does). Rows with no allowed key
+    return 0 (jaxattn's convention), not the mean of the values that flax's default returns. For speed prefer the
+    static ``mask`` given here.
   - ``is_causal=True``: adds ``masks.Causal()`` to the static mask.
-  - ``dropout_rate > 0`` in training mode (``deterministic=False``), ``sow_weights`` (``module=``) and Linen's einsum
-    overrides raise ``NotImplementedError``; ``precision`` is ignored.
-  - ``logits_soft_cap`` together with a dense mask raises ``NotImplementedError`` (the cap would bound the mask
-    bias); combine the soft cap with static masks only.
+  - ``dropout_rate > 0`` in training mode (``deterministic=False``, with ``dropout_rng``): attention dropout in the
+    ``xla`` / ``reference`` paths (independent per batch and head; ``broadcast_dropout`` is ignored).
+  - ``sow_weights`` (``module=``) and Linen's einsum overrides raise ``NotImplementedError``; ``precision`` is
+    ignored.
 
   Args:
     mask: a static :mod:`jaxattn.masks` mask applied to every call (e.g. ``masks.Causal()``).
-    implementation: passed to :func:`jaxattn.softmax_attention` (None picks per platform).
+    implementation: passed to :func:`jaxattn.softmax_attention`: a backend name, ``(name, Config)`` or a
+      sequence of those (None picks per platform).
     logits_soft_cap: if set, logits become ``cap * tanh(logits / cap)``.
     scale: logit scale (default ``D ** -0.5``, flax's default).
-    block_sizes: block sizes for the blockwise implementations.
+    block_sizes: tiles for whichever blockwise backend runs (``softmax_attention``'s ``block_sizes=``).
 
   Returns:
     An :class:`AttentionFn` (a frozen, hashable callable).
@@ -200,7 +196,7 @@ def as_attention_fn(*, mask: Mask | None = None, implementation: str | Sequence[
   if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
     raise ValueError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")
   if implementation is not None and not isinstance(implementation, str):
-    implementation = tuple(implementation)
+    implementation = tuple(tuple(i) if isinstance(i, list) else i for i in implementation)
   return AttentionFn(mask=mask, implementation=implementation,
                      logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
                      scale=None if scale is None else float(scale), block_sizes=block_sizes)

@@ -24,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -87,12 +86,20 @@ class MultiHeadAttention(nnx.Module):
     mask: the default static :mod:`jaxattn.masks` mask, e.g. ``masks.Causal()`` for a decoder (None: full).
     scale: logit scale (default ``D ** -0.5``).
     logits_soft_cap: if set, logits become ``cap * tanh(logits / cap)``.
-    implementation: passed to :func:`jaxattn.softmax_attention` (None picks per platform).
-    dtype: computation dtype of the projections and attention (None: promote inputs and parameters).
+    implementation: passed to :func:`jaxattn.softmax_attention`: a backend name, ``(name, Config)`` or a sequence
+      of those (None picks per platform).
+    dropout_rate: attention dropout on the normalised probabilities (kept ones scaled by ``1 / (1 - rate)``),
+      as ``flax.nnx.MultiHeadAttention``; drawn per (batch, head, query, key) by
+      :func:`jaxattn.softmax_attention` (served by its ``xla`` / ``reference`` backends: with dropout active the
+      default chain falls back to ``xla``).
+    deterministic: default of the call's ``deterministic`` (no dropout when True); ``module.eval()`` /
+      ``module.train()`` set it. With ``dropout_rate > 0`` one of the two must be given.
+    keep_rngs: store ``rngs.dropout.fork()`` as ``self.rngs`` (when ``dropout_rate > 0``) so calls need no
+      ``rngs``; with False every training call must pass ``rngs``. computation dtype of the projections and attention (None: promote inputs and parameters).
     param_dtype: parameter dtype.
     use_bias: whether the four projections have biases.
     precision: ``jax.lax.Precision`` of the projections.
-    rngs: random generators for parameter initialisation.
+    rngs: random generators for parameter initialisation (and the ``dropout`` stream, see ``keep_rngs``).
 
   Raises:
     ValueError: on inconsistent sizes or options, naming the offending values.
@@ -102,7 +109,8 @@ class MultiHeadAttention(nnx.Module):
                head_dim: int | None = None, out_features: int | None = None, in_kv_features: int | None = None,
                use_rope: bool = False, rope_base: float = 10000.0, mask: Mask | None = None,
                scale: float | None = None, logits_soft_cap: float | None = None,
-               implementation: str | Sequence[str] | None = None, dtype=None, param_dtype=jnp.float32,
+               implementation=None, dropout_rate: float = 0.0, deterministic: bool | None = None,
+               keep_rngs: bool = True, dtype=None, param_dtype=jnp.float32,
                use_bias: bool = False, precision=None, rngs: nnx.Rngs):
     self.num_heads, self.in_features, self.num_kv_heads, self.head_dim, self.out_features = head_layout(
         num_heads, in_features, num_kv_heads, head_dim, out_features)
@@ -119,7 +127,15 @@ class MultiHeadAttention(nnx.Module):
     if logits_soft_cap is not None and not (isinstance(logits_soft_cap, (int, float)) and logits_soft_cap > 0):
       raise ValueError(f"logits_soft_cap must be a positive float or None, got {logits_soft_cap!r}")
     if implementation is not None and not isinstance(implementation, str):
-      implementation = tuple(implementation)
+      implementation = tuple(tuple(i) if isinstance(i, list) else i for i in implementation)
+    if (isinstance(dropout_rate, bool) or not isinstance(dropout_rate, (int, float))
+        or not 0.0 <= dropout_rate < 1.0):
+      raise ValueError(f"dropout_rate must be a float in [0, 1), got {dropout_rate!r}")
+    if deterministic is not None and not isinstance(deterministic, bool):
+      raise ValueError(f"deterministic must be a bool or None, got {deterministic!r}")
+    self.dropout_rate = float(dropout_rate)
+    self.deterministic = deterministic
+    self.rngs = rngs.dropout.fork() if keep_rngs and self.dropout_rate > 0 else None
     self.use_rope = bool(use_rope)
     self.rope_base = float(rope_base)
     self.mask = mask
@@ -162,7 +178,7 @@ class MultiHeadAttention(nnx.Module):
 
   # ------------------------------------------------------------------------------------------------------- call
   def __call__(self, x, context=None, *, mask: Mask | None = None, segment_ids=None, positions=None,
-               decode: bool = False):
+               decode: bool = False, deterministic: bool | None = None, rngs=None):
     """Applies attention.
 
     Args:
@@ -178,6 +194,10 @@ class MultiHeadAttention(nnx.Module):
       decode: append this call's keys/values to the cache at ``cache_index`` (any number of tokens ``T``, as long
         as ``cache_index + T <= max_length``) and attend causally to everything cached so far. Requires
         :meth:`init_cache`; self-attention only.
+      deterministic: no attention dropout when True (overrides the module's ``deterministic``). Needed (here or
+        on the module) when ``dropout_rate > 0``.
+      rngs: an ``nnx.Rngs`` (its ``dropout`` stream is used) or an ``nnx.RngStream`` for the dropout key,
+        overriding the stored ``self.rngs``.
 
     Returns:
       ``[B, T, out_features]``.
@@ -200,6 +220,7 @@ class MultiHeadAttention(nnx.Module):
     if mask is not None and not isinstance(mask, Mask):
       raise ValueError(f"mask must be a jaxattn.masks.Mask or None, got {type(mask).__name__}")
     mask = self.mask if mask is None else mask
+    drop = self._dropout_args(deterministic, rngs)
 
     src = x if context is None else context
     q = self.query(x)  # [B, T, H, D]
@@ -211,17 +232,37 @@ class MultiHeadAttention(nnx.Module):
         raise ValueError("decode=True is for causal self-attention; context must be None")
       if segment_ids is not None:
         raise ValueError("segment_ids are not supported with decode=True")
-      out = self._decode(q, k, v, mask, positions)
+      out = self._decode(q, k, v, mask, positions, drop)
     else:
       if self.use_rope:
         positions = jnp.arange(T) if positions is None else positions
         q = apply_rope(q, positions, self.rope_base)
         k = apply_rope(k, positions, self.rope_base)
       out = softmax_attention(q, k, v, mask=mask, segment_ids=segment_ids, scale=self.scale,
-                    logits_soft_cap=self.logits_soft_cap, implementation=self.implementation)
+                              logits_soft_cap=self.logits_soft_cap, implementation=self.implementation,
+                              **drop)
     return self.out(out)  # [B, T, Fout]
 
-  def _decode(self, q, k, v, mask, positions):
+  def _dropout_args(self, deterministic, rngs) -> dict:
+    """``dropout_rate`` / ``dropout_rng`` for :func:`jaxattn.softmax_attention` (flax's rules for the key)."""
+    if self.dropout_rate == 0.0:
+      return {}
+    deterministic = self.deterministic if deterministic is None else deterministic
+    if deterministic is None:
+      raise ValueError("MultiHeadAttention has dropout_rate > 0: pass deterministic= to the call or the "
+                       "constructor (or use module.train() / module.eval())")
+    if deterministic:
+      return {}
+    if rngs is None:
+      rngs = self.rngs
+    elif isinstance(rngs, nnx.Rngs):
+      rngs = rngs.dropout
+    if rngs is None:
+      raise ValueError("'rngs' must be provided to the call when dropout_rate > 0, deterministic is False and the "
+                       "module was built with keep_rngs=False")
+    return dict(dropout_rate=self.dropout_rate, dropout_rng=rngs())
+
+  def _decode(self, q, k, v, mask, positions, drop):
     """Writes ``k, v [B, T, G, D]`` at ``cache_index`` and attends ``q [B, T, H, D]`` to the filled cache."""
     if self.cached_key is None or self.cached_value is None or self.cache_index is None:
       raise ValueError("decode=True needs a cache: call init_cache(batch_size, max_length) first")
@@ -256,7 +297,8 @@ class MultiHeadAttention(nnx.Module):
         allowed &= j >= idx + lo
       kv_ids = jnp.broadcast_to(jnp.where(allowed, 0, 1).astype(jnp.int32), (B, L))
       return softmax_attention(q, ck, cv, segment_ids=(q_ids, kv_ids), scale=self.scale,
-                     logits_soft_cap=self.logits_soft_cap, implementation=self.implementation)
+                               logits_soft_cap=self.logits_soft_cap, implementation=self.implementation,
+                               **drop)
     # A chunk of T queries at absolute positions idx..idx+T-1. The static mask cannot depend on idx, so roll the
     # cache so the n = idx + T filled keys occupy the last n slots: query i then sits at rolled position
     # L - T + i, the band becomes a static Causal / Local mask with offset L - T + hi, and the n filled slots are
@@ -268,4 +310,5 @@ class MultiHeadAttention(nnx.Module):
     static = Causal(offset) if lo is None else Local(hi - lo, 0, offset)
     kv_ids = jnp.broadcast_to(jnp.where(j >= shift, 0, 1).astype(jnp.int32), (B, L))
     return softmax_attention(q, ck, cv, mask=static, segment_ids=(q_ids, kv_ids), scale=self.scale,
-                   logits_soft_cap=self.logits_soft_cap, implementation=self.implementation)
+                             logits_soft_cap=self.logits_soft_cap, implementation=self.implementation,
+                             **drop)

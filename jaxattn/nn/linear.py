@@ -8,8 +8,8 @@ with ``A(i) = {j <= i}`` for causal self-attention and all keys otherwise. Numer
 :func:`jaxattn.linear_attention` call (a column of ones appended to ``v``), so memory is linear in the length and
 causal decoding keeps a constant-size state ``[B, H, D', E + 1]``.
 
-Feature maps ``phi`` (``D'`` features per head) and the CAB patterns each supports (efficient.md section 5; NS/CS =
-non-causal/causal self, NC/CC = non-causal/causal cross):
+Feature maps ``phi`` (``D'`` features per head) and the CAB patterns each supports (CAB, Zhang et al. 2023,
+arXiv:2210.07661; NS/CS = non-causal/causal self, NC/CC = non-causal/causal cross):
 
 ==============  =====================================================================  ===========  =============
 feature_map     phi                                                                    D'           patterns

@@ -1,7 +1,7 @@
 r"""TransNormerLLM (TNL) in Flax NNX: SRMSNorm, SGLU, LRPE-d, the gated linear attention token mixer, the block and a
 small causal LM with a constant-size decode cache.
 
-Follows the released HF ``modeling_transnormer.py`` (papers/efficient.md section 1)::
+Follows the released HF ``modeling_transnormer.py`` (TransNormerLLM, Qin et al. 2023, arXiv:2307.14995)::
 
     x = x + GatedLinearAttention(SRMSNorm(x))     # token mixer, decayed linear attention
     x = x + SGLU(SRMSNorm(x))                     # channel mixer

@@ -5,8 +5,10 @@ one :func:`jaxattn.softmax_attention` of its own queries against the whole seque
 derives for its query chunks (:func:`jaxattn.parallel.plan.gather_plan`: the static mask's blocks that are not
 visible are skipped inside the kernel). With zigzag-ordered queries every device attends the same causal area.
 
-Backward is autodiff: the attention's own ``custom_vjp`` and the transpose of ``all_gather`` (a reduce-scatter of
-dK/dV). Memory per device holds the full K/V (``O(T)``), the price of the single collective.
+Backward is autodiff: the attention's own ``custom_vjp`` (:func:`jaxattn.backend.flash_vjp`, so the chosen backend's
+``bwd``: the Pallas dq and dk/dv kernels under ``implementation="pallas_gpu"`` / ``"pallas_tpu"``) and the
+transpose of ``all_gather`` (a reduce-scatter of dK/dV). Memory per device holds the full K/V (``O(T)``), the
+price of the single collective.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from jaxattn._validation import validate_qkv
+from jaxattn._validation import validate_qkv, validate_scale, validate_segment_ids
 from jaxattn.masks import Full, Mask
 from jaxattn.ops.softmax import api as softmax_api
 from jaxattn.parallel import _compat
@@ -77,7 +77,10 @@ def context_parallel_attention(q, k, v, *, mesh=None, seq_axis=None, strategy: s
     q: queries ``[B, T, H, D]``, sharded (or to be sharded) along ``T`` over ``seq_axis``.
     k: keys ``[B, T, G, D]`` (``H % G == 0``: GQA/MQA).
     v: values ``[B, T, G, E]``.
-    mesh: a ``jax.sharding.Mesh``; the call runs ``shard_map`` over it. Leave None inside your own ``shard_map``
+    mesh: a ``jax.sharding.Mesh`` (``Mesh(...)`` or ``jax.make_mesh``); the call runs ``shard_map`` over it. Explicit
+      mesh axes are used as Auto axes inside the call (outputs get ordinary shardings, so eager calls and
+      ``jax.grad`` work outside ``jax.set_mesh``), unless the caller is under ``jax.set_mesh`` or passes arrays
+      sharded over Explicit axes. Leave None inside your own ``shard_map``
       and pass ``axis_name`` instead.
     seq_axis: mesh axis name of the sequence shards; for ``"usp"`` the pair ``(ulysses_axis, ring_axis)`` (the
       sequence is then sharded over ``(ring_axis, ulysses_axis)``, ring major).
@@ -92,10 +95,11 @@ def context_parallel_attention(q, k, v, *, mesh=None, seq_axis=None, strategy: s
       ``check_vma=True`` (loop carries and cotangents are vma-typed).
     batch_axis: mesh axis (or axes) sharding ``B`` (data parallelism), mesh mode only.
     head_axis: mesh axis (or axes) sharding the heads ``H`` and ``G`` (tensor parallelism), mesh mode only.
-    scale: logit scale, default ``D ** -0.5``.
+    scale: logit scale, a finite positive number (also in float32), default ``D ** -0.5``.
     return_lse: also return the log-sum-exp ``[B, H, T]`` (f32, natural log; sharded like the output).
     implementation: the single-device implementation for the local blocks (see :func:`jaxattn.softmax_attention`;
-      it must support ``return_lse``). The ring's backward uses the blockwise XLA passes.
+      a name, ``(name, Config)``, a sequence or None). Every strategy runs that backend in the backward too (the
+      ring calls its ``fwd`` / ``bwd`` per step; the others differentiate through its ``custom_vjp``).
 
   Returns:
     ``out [B, T, H, E]`` in q's dtype (sharded like q), and ``lse [B, H, T]`` if ``return_lse``.
@@ -123,11 +127,9 @@ def context_parallel_attention(q, k, v, *, mesh=None, seq_axis=None, strategy: s
     raise ValueError(f"mask must be a jaxattn.masks.Mask or None, got {type(mask).__name__}")
   if isinstance(mask, Full):
     mask = None
-  q_ids, kv_ids = softmax_api._validate_segment_ids(segment_ids, B, T, T)
-  if scale is None:
-    scale = float(D) ** -0.5
-  elif not isinstance(scale, (int, float, np.floating)) or not np.isfinite(scale):
-    raise ValueError(f"scale must be a finite Python float, got {scale!r}")
+  # inside the caller's shard_map the ids are local shards: a per-shard renumbering would not agree across devices
+  q_ids, kv_ids = validate_segment_ids(segment_ids, B, T, T, renumber_traced=mesh is not None)
+  scale = validate_scale(scale, D)
   if implementation is not None and not isinstance(implementation, str):
     implementation = tuple(implementation)
   axes = _axes(strategy, seq_axis if mesh is not None else axis_name, "seq_axis" if mesh is not None else "axis_name")
@@ -143,6 +145,7 @@ def context_parallel_attention(q, k, v, *, mesh=None, seq_axis=None, strategy: s
     return (out, lse) if return_lse else out
 
   shape, ph = _compat.check_mesh_axes(mesh, axes, batch_axis, head_axis, B=B, H=H, G=G)
+  mesh = _compat.call_mesh(mesh, q, k, v)
   seq_size = int(np.prod([shape[a] for a in axes]))
   if T % seq_size:
     raise ValueError(f"sequence length T={T} is not a multiple of the {seq_size} sequence shards over {axes}")
@@ -156,6 +159,8 @@ def _axes(strategy, axis, what) -> tuple[str, ...]:
   if strategy == "usp":
     if not (isinstance(axis, (tuple, list)) and len(axis) == 2 and all(isinstance(a, str) for a in axis)):
       raise ValueError(f"usp needs {what}=(ulysses_axis, ring_axis), got {axis!r}")
+    if axis[0] == axis[1]:
+      raise ValueError(f"usp needs two different axes in {what}=(ulysses_axis, ring_axis), got {axis[0]!r} twice")
     return tuple(axis)
   if not isinstance(axis, str):
     raise ValueError(f"{strategy} needs {what} to be one mesh axis name (a str), got {axis!r}")

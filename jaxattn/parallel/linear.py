@@ -34,8 +34,10 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from jaxattn._validation import (validate_chunk_size, validate_log_decay, validate_qkv, validate_scale,
+                                 validate_state)
 from jaxattn.ops.linear import api as linear_api
-from jaxattn.ops.linear.config import LOG_DECAY_FLOOR
+from jaxattn.ops.linear.config import FINITE_LOG_DECAY_FLOOR
 from jaxattn.parallel import _compat
 
 __all__ = ["context_parallel_linear_attention"]
@@ -65,14 +67,15 @@ def context_parallel_linear_attention(q, k, v, *, mesh=None, seq_axis: str | Non
 
   Args:
     q: ``[B, T, H, D]``; k: ``[B, T, G, D]``; v: ``[B, T, G, E]`` (``H % G == 0``), sharded along ``T``.
-    mesh: a ``jax.sharding.Mesh`` (the call runs ``shard_map`` over it), or None inside your own ``shard_map``
-      with ``axis_name`` set (then all arrays are this device's shards).
+    mesh: a ``jax.sharding.Mesh`` (``Mesh(...)`` or ``jax.make_mesh``; the call runs ``shard_map`` over it, with
+      Explicit axes used as Auto inside as in :func:`jaxattn.parallel.context_parallel_attention`), or None inside
+      your own ``shard_map`` with ``axis_name`` set (then all arrays are this device's shards).
     seq_axis: the mesh axis of the sequence shards (mesh mode).
     axis_name: the bound axis name (inside your ``shard_map``; ``check_vma=True`` works).
     log_decay: None, ``[H]`` per-head constant or ``[B, T, H]`` per-token gate (``<= 0``), as in
       :func:`jaxattn.linear_attention`.
     causal: the causal recurrence (default) or the non-causal form (``log_decay`` must be None).
-    scale: output scale, default ``D ** -0.5``.
+    scale: output scale, a finite positive number (also in float32), default ``D ** -0.5``.
     initial_state: ``S_0 [B, H, D, E]`` entering the first shard (replicated over the sequence axis).
     return_final_state: also return the global final state ``[B, H, D, E]`` f32 (the same on every device).
     batch_axis, head_axis: mesh axes sharding ``B`` and the heads (mesh mode).
@@ -90,26 +93,26 @@ def context_parallel_linear_attention(q, k, v, *, mesh=None, seq_axis: str | Non
   if not isinstance(causal, (bool, np.bool_)):
     raise ValueError(f"causal must be a bool, got {causal!r}")
   q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
-  linear_api._validate_qkv(q, k, v, bool(causal))
+  validate_qkv(q, k, v, same_length="causal linear attention needs equal lengths (use causal=False for "
+                                    "cross-attention)" if causal else None)
   B, T, H, D = q.shape
   G, E = k.shape[2], v.shape[3]
-  log_decay = linear_api._validate_log_decay(log_decay, B, T, H, bool(causal), per_token_shape=(B, T, H))
-  initial_state = linear_api._validate_state(initial_state, "initial_state", B, H, D, E)
-  scale = linear_api._validate_scale(scale, D)
-  if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool)
-                                 or chunk_size < 1):
-    raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+  log_decay = validate_log_decay(log_decay, B, T, H, bool(causal), per_token_shape=(B, T, H))
+  initial_state = validate_state(initial_state, "initial_state", B, H, D, E)
+  scale = validate_scale(scale, D)
+  chunk_size = validate_chunk_size(chunk_size)
   if implementation is not None and not isinstance(implementation, str):
     implementation = tuple(implementation)
   decay = None if log_decay is None else ("head" if log_decay.ndim == 1 else "token")
   axis = seq_axis if mesh is not None else axis_name
   if not isinstance(axis, str):
     raise ValueError(f"{'seq_axis' if mesh is not None else 'axis_name'} must be one mesh axis name, got {axis!r}")
-  cfg = _Config(axis, bool(causal), scale, implementation, None if chunk_size is None else int(chunk_size), decay)
+  cfg = _Config(axis, bool(causal), scale, implementation, chunk_size, decay)
   if mesh is None:
     out, state = _local(cfg, q, k, v, log_decay, initial_state)
   else:
     shape, _ = _compat.check_mesh_axes(mesh, (axis,), batch_axis, head_axis, B=B, H=H, G=G)
+    mesh = _compat.call_mesh(mesh, q, k, v)
     if T % shape[axis]:
       raise ValueError(f"sequence length T={T} is not a multiple of the {axis!r} axis size {shape[axis]}")
     cfg = dataclasses.replace(cfg, mesh=mesh, batch_axis=batch_axis, head_axis=head_axis)
@@ -167,11 +170,11 @@ def _local(cfg: _Config, q, k, v, g, s0):
   if g is None:
     a, log_a = None, jnp.zeros((B, H), jnp.float32)
   elif g.ndim == 1:  # per head [H]
-    gc = jnp.maximum(g, LOG_DECAY_FLOOR)
+    gc = jnp.maximum(g, FINITE_LOG_DECAY_FLOOR)
     a = (jnp.arange(1, Tl + 1, dtype=jnp.float32)[:, None] * gc)[None]  # [1, Tl, H]
     log_a = jnp.broadcast_to(Tl * gc, (B, H))
   else:  # per token [B, Tl, H]
-    gc = jnp.maximum(g, LOG_DECAY_FLOOR)
+    gc = jnp.maximum(g, FINITE_LOG_DECAY_FLOOR)
     a = jnp.cumsum(gc, axis=1)
     log_a = jnp.sum(gc, axis=1)
   U_all = lax.all_gather(U, axis)  # [P, B, H, D, E]

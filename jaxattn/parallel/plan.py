@@ -45,12 +45,12 @@ class Offset(Mask):
   def predicate(self, i, j):
     return self.base.predicate(np.asarray(i) + self.q_start, np.asarray(j) + self.k_start)
 
-  def _tile(self, i0, i1, j0, j1):
-    return self.base._tile(i0 + self.q_start, i1 + self.q_start, j0 + self.k_start, j1 + self.k_start)
+  def dense_tile(self, i0, i1, j0, j1):
+    return self.base.dense_tile(i0 + self.q_start, i1 + self.q_start, j0 + self.k_start, j1 + self.k_start)
 
-  def _classify(self, i0, i1, j0, j1):
+  def classify(self, i0, i1, j0, j1):
     qs, ks = self.q_start, self.k_start
-    return self.base._classify(i0 + qs, i1 + qs, j0 + ks, j1 + ks)
+    return self.base.classify(i0 + qs, i1 + qs, j0 + ks, j1 + ks)
 
 
 def _shift(mask: Mask, d: int) -> Mask | None:
@@ -79,7 +79,7 @@ def _cell(mask: Mask | None, qs: int, ks: int, C: int) -> Cell:
   if mask is None:
     return "full"
   local = shift_mask(mask, qs, ks)
-  cls = int(np.asarray(local._classify(np.int64(0), np.int64(C), np.int64(0), np.int64(C))))
+  cls = int(np.asarray(local.classify(np.int64(0), np.int64(C), np.int64(0), np.int64(C))))
   if cls == EMPTY:
     return "empty"
   if cls == FULL:
@@ -111,7 +111,7 @@ class ChunkGrid(Mask):
         out |= sel if cell == "full" else sel & cell.predicate(i - a * C, j - b * C)
     return out
 
-  def _classify(self, i0, i1, j0, j1):
+  def classify(self, i0, i1, j0, j1):
     C = self.chunk
     shape = np.broadcast_shapes(np.shape(i0), np.shape(i1), np.shape(j0), np.shape(j1))
     nq, nk = len(self.cells), len(self.cells[0])
@@ -127,7 +127,7 @@ class ChunkGrid(Mask):
         elif cell == "empty":
           cls = np.full(shape, EMPTY, np.int8)
         else:
-          cls = np.broadcast_to(cell._classify(I0 - a * C, np.maximum(I1, I0 + 1) - a * C, J0 - b * C,
+          cls = np.broadcast_to(cell.classify(I0 - a * C, np.maximum(I1, I0 + 1) - a * C, J0 - b * C,
                                                np.maximum(J1, J0 + 1) - b * C), shape)
         full &= ~touch | (cls == FULL)
         empty &= ~touch | (cls == EMPTY)

@@ -5,7 +5,8 @@ together hold one ring shard of ``T / Pr`` tokens. An ``all_to_all`` over the Ul
 whole ring shard for ``H / Pu`` heads; a ring over the ring axis (zigzag-balanced when asked) computes attention
 against all ring shards; a last ``all_to_all`` restores sequence shards. Ulysses traffic stays inside the (fast,
 usually intra-node) Ulysses group, and the ring only carries ``G / Pu`` kv heads, which is what lets CP grow beyond
-the head count.
+the head count. The ring's blocks run the chosen softmax backend forward and backward
+(:mod:`jaxattn.parallel.ring`); the all-to-alls are differentiated by autodiff.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["LOG2E", "LN2", "MAX_HEAD_DIM", "NT", "TN", "NN", "is_pow2", "next_pow2", "padded_head_dim"]
+__all__ = ["LOG2E", "LN2", "MAX_HEAD_DIM", "NT", "TN", "NN", "TPU_SPECS", "is_pow2", "next_pow2", "padded_head_dim"]
 
 LOG2E = math.log2(math.e)  # exp(x) = exp2(x * LOG2E): the GPU kernels work in base 2
 LN2 = math.log(2.0)
@@ -27,3 +27,10 @@ def next_pow2(n: int) -> int:
 def padded_head_dim(d: int) -> int:
   """The head dim the GPU kernels run with: the next power of two, at least 16 (inputs are zero-padded)."""
   return max(16, next_pow2(d))
+
+# Public spec-sheet peaks per TPU chip (Google Cloud TPU documentation): (dense bf16 matmul FLOP/s, HBM bytes/s),
+# for the kernels' roofline estimates (jaxattn.ops.softmax.pallas_tpu.kernel_cost, ...linear.pallas_tpu.kernel_cost).
+TPU_SPECS: dict[str, tuple[float, float]] = {
+    "v5e": (197e12, 819e9),
+    "v5p": (459e12, 2765e9),
+}

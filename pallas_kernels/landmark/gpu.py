@@ -1,6 +1,7 @@
 """Fused landmark attention for GPUs: Pallas kernels with the Triton lowering (forward, dq, dk/dv).
 
-Raw kernels: jax only, no autodiff (``jaxattn.ops.landmark.pallas_gpu`` composes them into a ``custom_vjp``).
+Raw kernels: jax only, no autodiff (``jaxattn.ops.landmark.pallas_gpu`` joins them through
+``jaxattn.backend.flash_vjp``).
 Layouts: ``q [B, T, H, D]``, ``k [B, T, G, D]``, ``v [B, T, G, E]``, ``H % G == 0`` (query head ``h`` reads kv head
 ``h // (H // G)`` through the BlockSpec index maps). Token ``j`` is a landmark iff ``(j + 1) % bs == 0``.
 
@@ -35,6 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import LN2, LOG2E, MAX_HEAD_DIM, NN, NT, TN, is_pow2, padded_head_dim
+from pallas_kernels.common.nonfinite import backward_operands, forward_operands
 
 __all__ = ["flash_landmark_forward", "flash_landmark_backward_dq", "flash_landmark_backward_dkv",
            "check_blocks", "padded_head_dim", "MAX_HEAD_DIM"]
@@ -83,7 +85,7 @@ class _Tile:
     m_loc = jnp.max(s_reg, axis=1)  # finite: bs - 1 >= 1 regular keys
     self.p_loc = jnp.exp2(s_reg - m_loc[:, None])  # [bq, bs], 0 at the landmark
     self.l_loc = jnp.sum(self.p_loc, axis=1)  # [bq]
-    self.s_cur = None
+    self.s_cur = self.past = self.cur = None
     if diag:
       qpos = q0 + lax.broadcasted_iota(jnp.int32, (bq,), 0)
       qblk = qpos // bs
@@ -92,6 +94,12 @@ class _Tile:
       kpos = kb * bs + col
       cur = (kb == qblk)[:, None] & jnp.logical_not(self.is_lm) & (kpos <= qpos[:, None])
       self.s_cur = jnp.where(cur, s2, -jnp.inf)
+      # kept for where(): a future block's p_loc is NaN when it holds a NaN key, and its weight is 0
+      self.past, self.cur = past[:, None], cur
+
+  def only(self, mask, x):
+    """``x`` where ``mask`` (None: everywhere) else exact 0 (never 0 * NaN)."""
+    return x if mask is None else jnp.where(mask, x, 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------- forward
@@ -113,7 +121,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, bs, m_blocks, num
     alpha = jnp.exp2(m - m_safe)
     w = jnp.exp2(t.lam - m_safe)  # [bq]: top-level weight of this block's landmark
     v = v_ref[ks, :]
-    p = t.p_loc * (w / t.l_loc)[:, None]
+    p = t.only(t.past, t.p_loc * (w / t.l_loc)[:, None])
     l = alpha * l + w
     if diag:
       p_cur = jnp.exp2(t.s_cur - m_safe[:, None])
@@ -128,10 +136,10 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, bs, m_blocks, num
   carry = lax.fori_loop(0, first_diag, lambda kb, c: step(kb, c, False), carry)
   carry = lax.fori_loop(first_diag, first_diag + m_blocks, lambda kb, c: step(kb, c, True), carry)
   acc, m, l = carry
-  l_safe = jnp.where(l > 0, l, 1.0)
+  l_safe = jnp.where(l != 0, l, 1.0)  # a NaN l (the row attends a non-finite input) keeps its NaN
   o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
   m_safe = jnp.where(m == -jnp.inf, 0.0, m)
-  lse_ref[...] = jnp.where(l > 0, (m_safe + jnp.log2(l_safe)) * LN2, -jnp.inf)
+  lse_ref[...] = jnp.where(l != 0, (m_safe + jnp.log2(l_safe)) * LN2, -jnp.inf)
 
 
 def flash_landmark_forward(q, k, v, *, block_size: int, block_q: int, scale: float, num_warps: int | None = None,
@@ -155,6 +163,8 @@ def flash_landmark_forward(q, k, v, *, block_size: int, block_q: int, scale: flo
   R = H // G
   nq = pl.cdiv(T, block_q)
   Tp, Dp, Ep = nq * block_q, padded_head_dim(D), padded_head_dim(E)
+  # non-finite inputs reach only the pairs the grouped softmax uses; landmark values are never mixed in
+  q, k, v = forward_operands(q, k, v, value_used=(jnp.arange(T) + 1) % block_size != 0)
   qp = _pad_to(_pad_to(q, 1, Tp), 3, Dp)
   kp = _pad_to(_pad_to(k, 1, Tp), 3, Dp)
   vp = _pad_to(_pad_to(v, 1, Tp), 3, Ep)
@@ -187,12 +197,12 @@ def _tile_grads(t: _Tile, lse2, delta, dp):
   p_top = jnp.exp2(t.lam - lse2)  # [bq]: 0 for rows whose block is not earlier
   p_loc = t.p_loc / t.l_loc[:, None]
   d_loc = jnp.sum(p_loc * dp, axis=1)  # [bq]
-  a = p_loc * p_top[:, None]
-  ds = a * (dp - d_loc[:, None]) + jnp.where(t.is_lm, (p_top * (d_loc - delta))[:, None], 0.0)
+  a = t.only(t.past, p_loc * p_top[:, None])
+  ds = t.only(t.past, a * (dp - d_loc[:, None]) + jnp.where(t.is_lm, (p_top * (d_loc - delta))[:, None], 0.0))
   if t.s_cur is not None:
-    a_cur = jnp.exp2(t.s_cur - lse2[:, None])
+    a_cur = t.only(t.cur, jnp.exp2(t.s_cur - lse2[:, None]))
     a = a + a_cur
-    ds = ds + a_cur * (dp - delta[:, None])
+    ds = ds + t.only(t.cur, a_cur * (dp - delta[:, None]))
   return a, ds
 
 
@@ -236,6 +246,7 @@ def flash_landmark_backward_dq(q, k, v, do, lse, delta, *, block_size: int, bloc
   R = H // G
   nq = pl.cdiv(T, block_q)
   Tp, Dp, Ep = nq * block_q, padded_head_dim(D), padded_head_dim(E)
+  q, k, v = backward_operands(q, k, v)  # zeroed; poisoned rows carry NaN in lse / delta
   qp = _pad_to(_pad_to(q, 1, Tp), 3, Dp)
   kp = _pad_to(_pad_to(k, 1, Tp), 3, Dp)
   vp = _pad_to(_pad_to(v, 1, Tp), 3, Ep)
@@ -302,6 +313,7 @@ def flash_landmark_backward_dkv(q, k, v, do, lse, delta, *, block_size: int, blo
   nq = pl.cdiv(T, block_q)
   Tp, Dp, Ep = nq * block_q, padded_head_dim(D), padded_head_dim(E)
   nk = Tp // block_size
+  q, k, v = backward_operands(q, k, v)  # zeroed; poisoned rows carry NaN in lse / delta
   qp = _pad_to(_pad_to(q, 1, Tp), 3, Dp)
   kp = _pad_to(_pad_to(k, 1, Tp), 3, Dp)
   vp = _pad_to(_pad_to(v, 1, Tp), 3, Ep)

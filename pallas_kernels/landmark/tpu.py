@@ -1,11 +1,11 @@
 """Fused landmark attention for TPUs: Mosaic Pallas kernels (forward, dq, dk/dv).
 
-Raw kernels: jax only, no autodiff (``jaxattn.ops.landmark.pallas_tpu`` composes them into a ``custom_vjp``). The
-algorithm is the one of :mod:`pallas_kernels.landmark.gpu` (read its docstring for the formulas): a key tile is one
-landmark block of ``bs`` keys, a query tile ``m`` whole blocks (``block_q = m * bs``); key blocks before the query
-tile's first block are "past" tiles (each row adds ONE top-level logit, its landmark's, carrying the tile's
-intra-block softmax of the regular keys), the ``m`` blocks from there are the diagonal (per row: earlier, current or
-future block; the current block's landmark is masked).
+Raw kernels: jax only, no autodiff (``jaxattn.ops.landmark.pallas_tpu`` joins them through
+``jaxattn.backend.flash_vjp``). The algorithm is the one of :mod:`pallas_kernels.landmark.gpu` (read its docstring
+for the formulas): a key tile is one landmark block of ``bs`` keys, a query tile ``m`` whole blocks
+(``block_q = m * bs``); key blocks before the query tile's first block are "past" tiles (each row adds ONE top-level
+logit, its landmark's, carrying the tile's intra-block softmax of the regular keys), the ``m`` blocks from there are
+the diagonal (per row: earlier, current or future block; the current block's landmark is masked).
 
 Grids (the last axes are sequential, "arbitrary"; the others "parallel"):
 
@@ -34,6 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common import NT
+from pallas_kernels.common.nonfinite import backward_operands, forward_operands
 
 __all__ = ["flash_landmark_forward", "flash_landmark_backward_dq", "flash_landmark_backward_dkv", "check_blocks"]
 
@@ -88,13 +89,19 @@ class _Tile:
     m_loc = jnp.max(s_reg, axis=1, keepdims=True)  # finite: bs - 1 >= 1 regular keys
     self.p_loc = jnp.exp(s_reg - m_loc)  # [bq, bs], 0 at the landmark
     self.l_loc = jnp.sum(self.p_loc, axis=1, keepdims=True)
-    self.s_cur = None
+    self.s_cur = self.past = self.cur = None
     if diag:
       qpos = q0 + lax.broadcasted_iota(jnp.int32, (s.shape[0], 1), 0)
       end = (kb + 1) * bs  # block kb is earlier than the query's block iff qpos >= end
       self.lam = jnp.where(qpos >= end, self.lam, -jnp.inf)
       cur = (qpos < end) & jnp.logical_not(self.is_lm) & (kb * bs + col <= qpos)
       self.s_cur = jnp.where(cur, s, -jnp.inf)
+      # kept for where(): a future block's p_loc is NaN when it holds a NaN key, and its weight is 0
+      self.past, self.cur = qpos >= end, cur
+
+  def only(self, mask, x):
+    """``x`` where ``mask`` (None: everywhere) else exact 0 (never 0 * NaN)."""
+    return x if mask is None else jnp.where(mask, x, 0.0)
 
 
 def _tile_grads(t: _Tile, lse, delta, dp):
@@ -102,12 +109,12 @@ def _tile_grads(t: _Tile, lse, delta, dp):
   p_top = jnp.exp(t.lam - lse)  # 0 for rows whose block is not earlier
   p_loc = t.p_loc / t.l_loc
   d_loc = jnp.sum(p_loc * dp, axis=1, keepdims=True)
-  a = p_loc * p_top
-  ds = a * (dp - d_loc) + jnp.where(t.is_lm, p_top * (d_loc - delta), 0.0)
+  a = t.only(t.past, p_loc * p_top)
+  ds = t.only(t.past, a * (dp - d_loc) + jnp.where(t.is_lm, p_top * (d_loc - delta), 0.0))
   if t.s_cur is not None:
-    a_cur = jnp.exp(t.s_cur - lse)
+    a_cur = t.only(t.cur, jnp.exp(t.s_cur - lse))
     a = a + a_cur
-    ds = ds + a_cur * (dp - delta)
+    ds = ds + t.only(t.cur, a_cur * (dp - delta))
   return a, ds
 
 
@@ -138,7 +145,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *, s
     m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
     alpha = jnp.exp(m_prev - m_safe)
     w = jnp.exp(t.lam - m_safe)  # top-level weight of this block's landmark
-    p = t.p_loc * (w / t.l_loc)
+    p = t.only(t.past, t.p_loc * (w / t.l_loc))
     l_new = alpha * l_prev + w
     if diag:
       p_cur = jnp.exp(t.s_cur - m_safe)
@@ -155,7 +162,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *, s
   @pl.when(j == first_diag + m_blocks - 1)
   def _end():
     l = l_scr[...]
-    ok = l > 0
+    ok = l != 0  # a NaN l (the row attends a non-finite input) keeps its NaN output and lse
     inv = jnp.where(ok, 1.0 / jnp.where(ok, l, 1.0), 0.0)
     o_ref[...] = (acc_scr[...] * inv[:, :1]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(ok, m_scr[...] + jnp.log(jnp.where(ok, l, 1.0)), -jnp.inf)
@@ -202,7 +209,7 @@ def flash_landmark_forward(q, k, v, *, block_size: int, block_q: int, scale: flo
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       interpret=_interpret(interpret),
       name="jaxattn_landmark_fwd",
-  )(_to_heads(q, Tp), _to_heads(k, Tp), _to_heads(v, Tp))
+  )(*(_to_heads(x, Tp) for x in forward_operands(q, k, v, value_used=(jnp.arange(T) + 1) % block_size != 0)))
   return out.transpose(0, 2, 1, 3)[:, :T], lse[:, :, :T, 0]
 
 
@@ -268,7 +275,7 @@ def flash_landmark_backward_dq(q, k, v, do, lse, delta, *, block_size: int, bloc
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       interpret=_interpret(interpret),
       name="jaxattn_landmark_bwd_dq",
-  )(_to_heads(q, Tp), _to_heads(k, Tp), _to_heads(v, Tp), _to_heads(do, Tp), _rows(lse, Tp), _rows(delta, Tp))
+  )(*(_to_heads(x, Tp) for x in (*backward_operands(q, k, v), do)), _rows(lse, Tp), _rows(delta, Tp))
   return dq.transpose(0, 2, 1, 3)[:, :T]
 
 
@@ -335,5 +342,5 @@ def flash_landmark_backward_dkv(q, k, v, do, lse, delta, *, block_size: int, blo
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
       interpret=_interpret(interpret),
       name="jaxattn_landmark_bwd_dkv",
-  )(_to_heads(q, Tp), _to_heads(k, Tp), _to_heads(v, Tp), _to_heads(do, Tp), _rows(lse, Tp), _rows(delta, Tp))
+  )(*(_to_heads(x, Tp) for x in (*backward_operands(q, k, v), do)), _rows(lse, Tp), _rows(delta, Tp))
   return dk.transpose(0, 2, 1, 3)[:, :T], dv.transpose(0, 2, 1, 3)[:, :T]

@@ -25,14 +25,15 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["LOG_DECAY_FLOOR", "chunk_log_decay", "pair_difference"]
+__all__ = ["KERNEL_LOG_DECAY_FLOOR", "chunk_log_decay", "pair_difference"]
 
-# Log decays are clamped from below to this value before the chunk sums. exp(-128) is 0 in f32 (below the smallest
-# subnormal, ~exp(-103.3)), so the clamp changes no f32 result; it keeps the chunk sums small enough (|a| <= 128 C)
-# that differences of them are accurate, where the library-wide floor of -1e30 would leave differences of
+# The kernels' floor: log decays are clamped from below to this value before the chunk sums. exp(-128) is 0 in f32
+# (below the smallest subnormal, ~exp(-103.3)), so the clamp changes no f32 result; it keeps the chunk sums small
+# enough (|a| <= 128 C) that differences of them are accurate, where the library's finite stand-in for a reset
+# (jaxattn.ops.linear.config.FINITE_LOG_DECAY_FLOOR = -1e30, used by the xla path) would leave differences of
 # 1e30-sized sums (rounding errors of ~1e23, i.e. exp(+garbage)). Gradients of clamped entries are 0, as they are
 # for exp(g) itself in f32.
-LOG_DECAY_FLOOR = -128.0
+KERNEL_LOG_DECAY_FLOOR = -128.0
 
 
 def _two_sum(a, b):
@@ -66,7 +67,7 @@ def chunk_log_decay(log_decay, B: int, T: int, H: int, chunk: int):
   """
   if log_decay is None:
     return None
-  g = jnp.maximum(jnp.asarray(log_decay, jnp.float32), LOG_DECAY_FLOOR)
+  g = jnp.maximum(jnp.asarray(log_decay, jnp.float32), KERNEL_LOG_DECAY_FLOOR)
   if g.ndim == 1:
     g = jnp.broadcast_to(g, (1, T, H))  # [1, T, H]
   N = -(-T // chunk)

@@ -1,10 +1,11 @@
 """Chunked linear attention with decay for GPUs: Pallas kernels with the Triton lowering (forward, dq, dk/dv).
 
-Raw kernels: jax only, no autodiff (``jaxattn.ops.linear.pallas_gpu`` joins them with a ``custom_vjp``). Layouts
-follow the library: ``q [B, T, H, D]``, ``k [B, T, G, D]``, ``v [B, T, G, E]``, ``H % G == 0``; query head ``h``
-reads kv head ``h // (H // G)`` through the BlockSpec index maps (K/V are never repeated in memory). The math and
-its numerical safety are in :mod:`pallas_kernels.linear`; ``a [Ba, H, Tp]`` are the chunk-local cumulative log
-decays (:func:`pallas_kernels.linear.chunk_log_decay`, flattened, as double-float pairs), ``dO = scale * do``.
+Raw kernels: jax only, no autodiff (``jaxattn.ops.linear.pallas_gpu`` joins them through
+``jaxattn.backend.flash_vjp``). Layouts follow the library: ``q [B, T, H, D]``, ``k [B, T, G, D]``,
+``v [B, T, G, E]``, ``H % G == 0``; query head ``h`` reads kv head ``h // (H // G)`` through the BlockSpec index
+maps (K/V are never repeated in memory). The math and its numerical safety are in :mod:`pallas_kernels.linear`;
+``a [Ba, H, Tp]`` are the chunk-local cumulative log decays (:func:`pallas_kernels.linear.chunk_log_decay`,
+flattened, as double-float pairs), ``dO = scale * do``.
 
 Each program owns one (batch, query head) and one tile of the state, and walks every chunk in a ``lax.fori_loop``
 carrying that tile in f32 registers:
@@ -41,6 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import MAX_HEAD_DIM, NN, NT, TN, is_pow2, next_pow2, padded_head_dim
+from pallas_kernels.common.nonfinite import backward_operands, forward_operands
 from pallas_kernels.linear import chunk_log_decay, pair_difference
 
 __all__ = ["BlockSizes", "linear_fwd", "linear_bwd_dq", "linear_bwd_dkv", "padded_head_dim", "MAX_HEAD_DIM"]
@@ -125,12 +127,21 @@ def _decays(a_refs, rows, last, C):
   return w, jnp.exp(hi + lo), eb, jnp.exp(hA + lA)
 
 
+def _live(decay, x):
+  """``x`` where the decay factor is non-zero, else an exact 0 (a NaN key or state behind a reset stays out)."""
+  return jnp.where(decay > 0, x, 0.0)
+
+
 def _causal(C):
   return lax.broadcasted_iota(jnp.int32, (C, C), 0) >= lax.broadcasted_iota(jnp.int32, (C, C), 1)
 
 
-def _prep(q, k, v, log_decay, chunk):
-  """Pads T to whole chunks and head dims to powers of two; chunk-local log-decay sums ``[Ba, H, Tp]``."""
+def _prep(q, k, v, log_decay, chunk, forward: bool = False):
+  """Pads T to whole chunks and head dims to powers of two; chunk-local log-decay sums ``[Ba, H, Tp]``.
+
+  Non-finite inputs (pallas_kernels.common.nonfinite): the forward gets NaN rows of q / k for a query / token with
+  a non-finite q, k or v and zeroed v; the backward zeroed operands."""
+  q, k, v = forward_operands(q, k, v) if forward else backward_operands(q, k, v)
   B, T, H, D = q.shape
   E = v.shape[-1]
   N = pl.cdiv(T, chunk)
@@ -184,10 +195,11 @@ def _fwd_kernel(q_ref, k_ref, v_ref, a_ref, s0_ref, o_ref, st_ref, *, scale, chu
       S = S + _dot(k, v, TN)
     else:
       w, ea, eb, eA = _decays(a_ref, rows, c * C + C - 1, C)
-      qa = (q.astype(_F32) * ea[:, None]).astype(mm)  # e^{a_i} q_i
-      o = _dot((s * w).astype(mm), v, NN) + _dot(qa, S.astype(mm), NN)
-      kb = (k.astype(_F32) * eb[:, None]).astype(mm)  # e^{A - a_j} k_j
-      S = eA * S + _dot(kb, v, TN)
+      # where(), never 0 * x: a zero decay (future key, a reset in between) drops a NaN key / state exactly
+      qa = _live(ea[:, None], q.astype(_F32) * ea[:, None]).astype(mm)  # e^{a_i} q_i
+      o = _dot(_live(w, s * w).astype(mm), v, NN) + _live(ea[:, None], _dot(qa, S.astype(mm), NN))
+      kb = _live(eb[:, None], k.astype(_F32) * eb[:, None]).astype(mm)  # e^{A - a_j} k_j
+      S = _live(eA, eA * S) + _dot(kb, v, TN)
     o_ref[rows, :] = (o * scale).astype(o_ref.dtype)
     return S
 
@@ -214,7 +226,7 @@ def linear_fwd(q, k, v, log_decay, initial_state, *, scale: float, blocks: Block
   G, E = v.shape[2], v.shape[3]
   R = H // G
   C, be = blocks.chunk, blocks.block_e
-  qp, kp, vp, a, N, Tp, Dp, Ep = _prep(q, k, v, log_decay, C)
+  qp, kp, vp, a, N, Tp, Dp, Ep = _prep(q, k, v, log_decay, C, forward=True)
   s0 = None if initial_state is None else _pad_to(_pad_to(initial_state.astype(_F32), 2, Dp), 3, Ep)
   in_specs = [
       pl.BlockSpec((None, Tp, None, Dp), lambda e, bh: (bh // H, 0, bh % H, 0)),
@@ -278,13 +290,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, a_ref, s0_ref, dq_ref, rq_ref=None, 
     else:
       w, ea, eb, eA = _decays(a_ref, rows, c * C + C - 1, C)
       precise = rq_ref is not None
-      inter = ea[:, None] * _state_dot(do, S, NT, mm, precise)  # [C, bd]: e^{a_i} S_c do_i
+      inter = _live(ea[:, None], ea[:, None] * _state_dot(do, S, NT, mm, precise))  # [C, bd]: e^{a_i} S_c do_i
       dq = _dot((dpv * w).astype(mm), k, NN) + inter
       if precise:
         # rq_i = e^{a_i} q_i^T S_c dO_i: the state part of q_i . dq_i, from f32 values (the intra-chunk part comes
         # from the dk/dv kernel's f32 matrices).
         rq_ref[rows] = scale * jnp.sum(q.astype(_F32) * inter, axis=1)
-      S = eA * S + _weighted_dot(k, eb, v, TN, mm, precise)
+      S = _live(eA, eA * S) + _weighted_dot(k, eb, v, TN, mm, precise)
     dq_ref[rows, :] = (dq * scale).astype(dq_ref.dtype)
     return S
 
@@ -297,7 +309,7 @@ def linear_bwd_dq(q, k, v, log_decay, initial_state, do, *, scale: float, blocks
   """``dq [B, T, H, D]`` (q's dtype) by a forward sweep, and the log-decay term ``rq [B, H, T]``.
 
   ``rq_t = e^{a_t} q_t^T S_c dO_t`` (f32): the inter-chunk part of ``q_t . dq_t`` (see
-  ``jaxattn.ops.linear._pallas_vjp``); None without a decay or with ``log_decay_grad=False`` (which also skips
+  ``jaxattn.ops.linear.pallas_common``); None without a decay or with ``log_decay_grad=False`` (which also skips
   the extra products that keep it f32-accurate for 16-bit inputs).
 
   Args:
@@ -399,7 +411,7 @@ def linear_bwd_dkv(q, k, v, log_decay, do, d_final_state, *, scale: float, block
     ``dk [B, T, G, D]``, ``dv [B, T, G, E]`` (k's / v's dtype), ``d_initial_state [B, H, D, E]`` f32, and
     ``r [B, H, T]`` f32 (None without a decay or with ``log_decay_grad=False``): per query head ``h``, the
     intra-chunk part of ``q_t . dq_t`` minus ``k_t . dk_t``, the latter restricted to the key gradient flowing
-    through head ``h`` (see ``jaxattn.ops.linear._pallas_vjp``).
+    through head ``h`` (see ``jaxattn.ops.linear.pallas_common``).
   """
   _check(q, k, v, blocks)
   B, T, H, D = q.shape

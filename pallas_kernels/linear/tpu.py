@@ -1,8 +1,9 @@
 """Chunked linear attention with decay for TPUs: Pallas Mosaic kernels (forward, dq, dk/dv).
 
-Raw kernels: jax only, no autodiff (``jaxattn.ops.linear.pallas_tpu`` joins them with a ``custom_vjp``). The math
-and its numerical safety are in :mod:`pallas_kernels.linear`; ``dO = scale * do``. Each grid step handles one
-chunk of ``C`` tokens of one head; the chunk axis is sequential ("arbitrary") and the f32 state lives in VMEM:
+Raw kernels: jax only, no autodiff (``jaxattn.ops.linear.pallas_tpu`` joins them through
+``jaxattn.backend.flash_vjp``). The math and its numerical safety are in :mod:`pallas_kernels.linear`;
+``dO = scale * do``. Each grid step handles one chunk of ``C`` tokens of one head; the chunk axis is sequential
+("arbitrary") and the f32 state lives in VMEM:
 
 - forward, grid ``(B, H, N)``: scratch ``S [D, E]`` f32, zeroed (or loaded from the initial state) at chunk 0;
   ``o = scale ((Q K^T * W) V + e^{a} Q S)`` then ``S <- e^{A} S + (e^{A - a} K)^T V``; the final state is written
@@ -17,7 +18,7 @@ chunk of ``C`` tokens of one head; the chunk axis is sequential ("arbitrary") an
   are built transposed (keys on rows) so that ``dv = P^T dO`` and ``dk = dP^T Q`` are plain matmuls; the state
   terms are ``dv += e^{A - a} K dS``, ``dk += e^{A - a} (V dS^T)``, and ``dS <- e^{A} dS + (e^{a} Q)^T dO``.
   With a decay it also emits the log-decay term ``r`` per query head (intra-chunk ``q . dq`` minus ``k . dk``,
-  from f32 values; see ``jaxattn.ops.linear._pallas_vjp``).
+  from f32 values; see ``jaxattn.ops.linear.pallas_common``).
 
 Here ``W_ij = exp(a_i - a_j)`` on ``i >= j`` (else 0), ``a`` the chunk-local cumulative log decays and ``A`` their
 chunk total. The decay sums (``hi`` and ``lo`` of the double-float pairs) arrive lane-dense as ``[Ba, H, N8, C]``
@@ -55,6 +56,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common import NN, NT, TN
+from pallas_kernels.common.nonfinite import backward_operands, forward_operands
 from pallas_kernels.linear import chunk_log_decay, pair_difference
 
 __all__ = ["linear_fwd", "linear_bwd_dq", "linear_bwd_dkv", "check_block_shapes", "sublane_multiple",
@@ -263,6 +265,11 @@ def _precision(dtype):
   return lax.Precision.HIGHEST if jnp.dtype(dtype) == _F32 else lax.Precision.DEFAULT
 
 
+def _live(decay, x):
+  """``x`` where the decay factor is non-zero, else an exact 0 (a NaN key or state behind a reset stays out)."""
+  return jnp.where(decay > 0, x, jnp.zeros((), x.dtype))
+
+
 def _scaled(x, factor, mm):
   """``x * factor`` in f32, cast to the matmul dtype."""
   return (x.astype(_F32) * factor).astype(mm)
@@ -287,14 +294,16 @@ def _fwd_kernel(*refs, has_decay, has_s0, scale, n_chunks, prec):
   s = _dot(q, k, NT, prec)  # [C, C]
   if has_decay:
     dec = _Decays(*(_row(x[...], _slot(n), C) for x in a_refs), C)
-    p = s * dec.w()
-    qa = _scaled(q, dec.ea, mm)
-    S_next = dec.eA * S + _dot(_scaled(k, dec.eb, mm), v, TN, prec)
+    # where(), never 0 * x: a zero decay (future key, a reset in between) drops a NaN key / state exactly
+    w = dec.w()
+    p = _live(w, s * w)
+    inter = _live(dec.ea, _dot(_live(dec.ea, _scaled(q, dec.ea, mm)), S.astype(mm), NN, prec))
+    S_next = _live(dec.eA, dec.eA * S) + _dot(_live(dec.eb, _scaled(k, dec.eb, mm)), v, TN, prec)
   else:
     p = jnp.where(_causal(C), s, 0.0)
-    qa = q
+    inter = _dot(q, S.astype(mm), NN, prec)
     S_next = S + _dot(k, v, TN, prec)
-  o = _dot(p.astype(mm), v, NN, prec) + _dot(qa, S.astype(mm), NN, prec)  # [C, E]
+  o = _dot(p.astype(mm), v, NN, prec) + inter  # [C, E]
   o_ref[...] = (o * scale).astype(o_ref.dtype)
   state_ref[...] = S_next
 
@@ -325,7 +334,8 @@ def linear_fwd(q, k, v, log_decay, initial_state, *, scale: float, chunk: int, i
   G, E = v.shape[2], v.shape[3]
   R = H // G
   Tp = N * chunk
-  (qk, qop), (kk, kop), (vk, vop) = (_to_kernel(x, Tp, chunk) for x in (q, k, v))
+  # non-finite inputs (pallas_kernels.common.nonfinite): NaN rows of q / k, zeroed v
+  (qk, qop), (kk, kop), (vk, vop) = (_to_kernel(x, Tp, chunk) for x in forward_operands(q, k, v))
   a = _decay_rows(log_decay, B, T, H, chunk)
   s0 = None if initial_state is None else initial_state.astype(_F32)
   ba = (lambda b: b) if (a is not None and a[0].shape[0] > 1) else (lambda b: 0)
@@ -388,13 +398,13 @@ def _dq_kernel(*refs, has_decay, has_s0, with_r, scale, prec):
   dpv = _dot(do, v, NT, prec)  # [C, C]: do_i . v_j
   if has_decay:
     dec = _Decays(*(_row(x[...], _slot(n), C) for x in a_refs), C)
-    inter = dec.ea * _state_dot(do, S, NT, mm, prec, with_r)  # [C, D]: e^{a_i} S do_i
+    inter = _live(dec.ea, dec.ea * _state_dot(do, S, NT, mm, prec, with_r))  # [C, D]: e^{a_i} S do_i
     dq = _dot((dpv * dec.w()).astype(mm), k, NN, prec) + inter
     if with_r:
       # rq_i = e^{a_i} q_i^T S dO_i, the state part of q_i . dq_i from f32 values (see the dk/dv kernel for the rest)
       rq = scale * jnp.sum(q.astype(_F32) * inter, axis=1, keepdims=True)  # [C, 1]
       _put_row(rq_ref, _slot(n), _to_row(rq, C), C)
-    state_ref[...] = dec.eA * S + _weighted_dot(k, dec.eb, v, TN, mm, prec, with_r)
+    state_ref[...] = _live(dec.eA, dec.eA * S) + _weighted_dot(k, dec.eb, v, TN, mm, prec, with_r)
   else:
     dq = _dot(jnp.where(_causal(C), dpv, 0.0).astype(mm), k, NN, prec) + _dot(do, S.astype(mm), NT, prec)
     state_ref[...] = S + _dot(k, v, TN, prec)
@@ -406,7 +416,7 @@ def linear_bwd_dq(q, k, v, log_decay, initial_state, do, *, scale: float, chunk:
   """``dq [B, T, H, D]`` (q's dtype) by a forward sweep, and the log-decay term ``rq [B, H, T]``.
 
   ``rq_t = e^{a_t} q_t^T S_c dO_t`` (f32): the inter-chunk part of ``q_t . dq_t`` (see
-  ``jaxattn.ops.linear._pallas_vjp``); None without a decay or with ``log_decay_grad=False`` (which also skips
+  ``jaxattn.ops.linear.pallas_common``); None without a decay or with ``log_decay_grad=False`` (which also skips
   the extra products that keep it f32-accurate for bf16 inputs).
 
   Args:
@@ -419,7 +429,8 @@ def linear_bwd_dq(q, k, v, log_decay, initial_state, do, *, scale: float, chunk:
   G, E = v.shape[2], v.shape[3]
   R = H // G
   Tp = N * chunk
-  (qk, qop), (kk, kop), (vk, vop), (dok, doop) = (_to_kernel(x, Tp, chunk) for x in (q, k, v, do.astype(q.dtype)))
+  (qk, qop), (kk, kop), (vk, vop), (dok, doop) = (
+      _to_kernel(x, Tp, chunk) for x in (*backward_operands(q, k, v), do.astype(q.dtype)))  # zeroed q, k, v
   a = _decay_rows(log_decay, B, T, H, chunk)
   with_r = a is not None and log_decay_grad
   N8 = -(-N // _ROWS) * _ROWS
@@ -530,7 +541,7 @@ def linear_bwd_dkv(q, k, v, log_decay, do, d_final_state, *, scale: float, chunk
     ``dk [B, T, G, D]``, ``dv [B, T, G, E]`` (k's / v's dtype; the query heads of a group summed in-kernel in f32),
     ``d_initial_state [B, H, D, E]`` f32, and ``r [B, H, T]`` f32 (None without a decay or with
     ``log_decay_grad=False``): per query head ``h``, the intra-chunk part of ``q_t . dq_t`` minus ``k_t . dk_t``,
-    the latter restricted to the key gradient flowing through head ``h`` (see ``jaxattn.ops.linear._pallas_vjp``).
+    the latter restricted to the key gradient flowing through head ``h`` (see ``jaxattn.ops.linear.pallas_common``).
   """
   N = _check(q, k, v, chunk)
   B, T, H, D = q.shape
@@ -538,7 +549,8 @@ def linear_bwd_dkv(q, k, v, log_decay, do, d_final_state, *, scale: float, chunk
   R = H // G
   Tp = N * chunk
   N8 = -(-N // _ROWS) * _ROWS
-  (qk, qop), (kk, kop), (vk, vop), (dok, doop) = (_to_kernel(x, Tp, chunk) for x in (q, k, v, do.astype(q.dtype)))
+  (qk, qop), (kk, kop), (vk, vop), (dok, doop) = (
+      _to_kernel(x, Tp, chunk) for x in (*backward_operands(q, k, v), do.astype(q.dtype)))  # zeroed q, k, v
   a = _decay_rows(log_decay, B, T, H, chunk)
   with_r = a is not None and log_decay_grad
   if a is not None:

@@ -24,7 +24,6 @@ Soft cap: ``s = cap * tanh(scale * q.k / cap)``; the backward multiplies by ``1 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -34,88 +33,38 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import LN2, LOG2E, MAX_HEAD_DIM, NN, NT, TN, is_pow2, next_pow2, padded_head_dim
+from pallas_kernels.common import LN2, LOG2E, MAX_HEAD_DIM, NN, NT, TN, is_pow2, padded_head_dim
+from pallas_kernels.common.nonfinite import backward_operands, forward_operands
 
-__all__ = ["BlockSizes", "BlockLists", "flash_forward", "flash_backward_dq", "flash_backward_dkv",
+__all__ = ["block_rule", "num_warps_rule", "num_stages_rule", "BlockLists", "flash_forward", "flash_backward_dq", "flash_backward_dkv",
            "supported_head_dim", "padded_head_dim"]
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-  """Tiles and launch parameters of the three kernels (frozen, validated, hashable).
+# ------------------------------------------------------------------------------ launch-parameter rules (plain ints)
+NUM_WARPS = (1, 2, 4, 8, 16)
+MAX_NUM_STAGES = 8
 
-  Block sizes are powers of two >= 16 (Triton tensor shapes are powers of two; ``tl.dot`` needs 16).
-  ``num_warps=None`` picks 4 for head dims <= 64, else 8.
 
-  Attributes:
-    block_q, block_k: forward tile (query rows x key columns).
-    block_q_dq, block_k_dq: tile of the dq kernel.
-    block_q_dkv, block_k_dkv: tile of the dk/dv kernel.
-    num_warps, num_stages: forward launch parameters.
-    num_warps_bwd, num_stages_bwd: backward launch parameters.
-  """
+def block_rule(b) -> str | None:
+  """None if ``b`` can tile a kernel (a power of two >= 16: Triton shapes are powers of two, ``tl.dot`` needs 16),
+  else the rule it breaks."""
+  if not isinstance(b, int) or isinstance(b, bool) or b < 16 or not is_pow2(b):
+    return "must be a power of two >= 16"
+  return None
 
-  block_q: int = 128
-  block_k: int = 64
-  block_q_dq: int = 64
-  block_k_dq: int = 64
-  block_q_dkv: int = 64
-  block_k_dkv: int = 64
-  num_warps: int | None = None
-  num_stages: int = 3
-  num_warps_bwd: int | None = None
-  num_stages_bwd: int = 2
 
-  def __post_init__(self):
-    for name in ("block_q", "block_k", "block_q_dq", "block_k_dq", "block_q_dkv", "block_k_dkv"):
-      b = getattr(self, name)
-      if not isinstance(b, int) or isinstance(b, bool) or b < 16 or not is_pow2(b):
-        raise ValueError(f"gpu BlockSizes.{name} must be a power of two >= 16, got {b!r}")
-    for name in ("num_warps", "num_warps_bwd"):
-      w = getattr(self, name)
-      if w is not None and (not isinstance(w, int) or w not in (1, 2, 4, 8, 16)):
-        raise ValueError(f"gpu BlockSizes.{name} must be None or one of 1, 2, 4, 8, 16, got {w!r}")
-    for name in ("num_stages", "num_stages_bwd"):
-      s = getattr(self, name)
-      if not isinstance(s, int) or isinstance(s, bool) or not 1 <= s <= 8:
-        raise ValueError(f"gpu BlockSizes.{name} must be an int in [1, 8], got {s!r}")
+def num_warps_rule(w) -> str | None:
+  """None if ``w`` is None (pick per head dim) or a valid warp count, else the rule it breaks."""
+  if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w not in NUM_WARPS):
+    return f"must be None or one of {', '.join(map(str, NUM_WARPS))}"
+  return None
 
-  @property
-  def fwd(self) -> tuple[int, int]:
-    return self.block_q, self.block_k
 
-  @property
-  def dq(self) -> tuple[int, int]:
-    return self.block_q_dq, self.block_k_dq
-
-  @property
-  def dkv(self) -> tuple[int, int]:
-    return self.block_q_dkv, self.block_k_dkv
-
-  def warps(self, head_dim: int, backward: bool = False) -> int:
-    w = self.num_warps_bwd if backward else self.num_warps
-    return w if w is not None else (4 if head_dim <= 64 else 8)
-
-  @classmethod
-  def default(cls, T: int, S: int, head_dim: int = 128, itemsize: int = 2) -> "BlockSizes":
-    """Default tiles for a problem, sized so that the pipelined tiles fit in shared memory.
-
-    ``head_dim`` is the larger of D and E; ``itemsize`` the input bytes per element (2 for bf16/f16, 4 for f32).
-    Up to a bf16-equivalent head dim of 128: the class defaults; up to 256: 64 x 64 forward, 32 x 32 backward;
-    beyond: 32 x 32 everywhere. Each block is then shrunk to the (power-of-two rounded) sequence length.
-    """
-    width = padded_head_dim(head_dim) * itemsize // 2
-    if width <= 128:
-      d = cls()
-    elif width <= 256:
-      d = cls(64, 64, 32, 32, 32, 32, num_stages=2)
-    else:
-      d = cls(32, 32, 32, 32, 32, 32, num_stages=2, num_stages_bwd=1)
-    fq = lambda b: min(b, max(16, next_pow2(T)))
-    fk = lambda b: min(b, max(16, next_pow2(S)))
-    return dataclasses.replace(d, block_q=fq(d.block_q), block_k=fk(d.block_k), block_q_dq=fq(d.block_q_dq),
-                               block_k_dq=fk(d.block_k_dq), block_q_dkv=fq(d.block_q_dkv),
-                               block_k_dkv=fk(d.block_k_dkv))
+def num_stages_rule(s) -> str | None:
+  """None if ``s`` is a valid pipeline depth, else the rule it breaks."""
+  if not isinstance(s, int) or isinstance(s, bool) or not 1 <= s <= MAX_NUM_STAGES:
+    return f"must be an int in [1, {MAX_NUM_STAGES}]"
+  return None
 
 
 class BlockLists(NamedTuple):
@@ -241,7 +190,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qid_ref, kid_ref, idx_ref, cnt_ref, tid_ref
   init = (jnp.zeros((bq, o_ref.shape[-1]), jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
           jnp.zeros((bq,), jnp.float32))
   acc, m, l = lax.fori_loop(0, cnt_ref[qb], body, init)
-  nonempty = l > 0
+  nonempty = l != 0  # a NaN l (the row attends a non-finite input) keeps its NaN output and lse
   l_safe = jnp.where(nonempty, l, 1.0)
   o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
   m_safe = jnp.where(m == -jnp.inf, 0.0, m)
@@ -275,6 +224,7 @@ def flash_forward(q, k, v, q_ids, kv_ids, lists: BlockLists, tiles, *, block_q: 
   K = lists.index.shape[-1]
   has_ids = q_ids is not None
 
+  q, k, v = forward_operands(q, k, v)  # non-finite inputs reach allowed pairs only (pallas_kernels.common.nonfinite)
   qp = _pad_to(_pad_to(q, 1, Tp), 3, Dp)
   kp = _pad_to(_pad_to(k, 1, Sp), 3, Dp)
   vp = _pad_to(_pad_to(v, 1, Sp), 3, Ep)
@@ -337,6 +287,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qid_ref, kid_ref
     ds = p * (dp - delta[:, None])
     if t is not None:
       ds = ds * (1.0 - t * t)
+    if keep is not None:  # masked entries are exact zeros, also in a row whose lse / delta is NaN
+      ds = jnp.where(keep, ds, 0.0)
     return dq + _dot(ds.astype(k.dtype), k, NN)
 
   dq = lax.fori_loop(0, cnt_ref[qb], body, jnp.zeros(q.shape, jnp.float32))
@@ -369,6 +321,7 @@ def flash_backward_dq(q, k, v, q_ids, kv_ids, do, lse, delta, lists: BlockLists,
   K = lists.index.shape[-1]
   has_ids = q_ids is not None
 
+  q, k, v = backward_operands(q, k, v)  # zeroed; poisoned rows carry NaN in lse / delta
   qp = _pad_to(_pad_to(q, 1, Tp), 3, Dp)
   kp = _pad_to(_pad_to(k, 1, Sp), 3, Dp)
   vp = _pad_to(_pad_to(v, 1, Sp), 3, Ep)
@@ -433,11 +386,15 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qid_ref, kid_re
       if keep is not None:
         s = jnp.where(keep, s, -jnp.inf)
       p = jnp.exp2(s - lse2[:, None])  # [bq, bk]
+      if keep is not None:  # masked entries are exact zeros, also in a row whose lse / delta is NaN
+        p = jnp.where(keep, p, 0.0)
       dv = dv + _dot(p.astype(do.dtype), do, TN)
       dp = _dot(do, v, NT)
       ds = p * (dp - delta[:, None])
       if t is not None:
         ds = ds * (1.0 - t * t)
+      if keep is not None:
+        ds = jnp.where(keep, ds, 0.0)
       dk = dk + _dot(ds.astype(q.dtype), q, TN)
       return dk, dv
 
@@ -472,6 +429,7 @@ def flash_backward_dkv(q, k, v, q_ids, kv_ids, do, lse, delta, lists_t: BlockLis
   Kt = lists_t.index.shape[-1]
   has_ids = q_ids is not None
 
+  q, k, v = backward_operands(q, k, v)  # zeroed; poisoned rows carry NaN in lse / delta
   qp = _pad_to(_pad_to(q, 1, Tp), 3, Dp)
   kp = _pad_to(_pad_to(k, 1, Sp), 3, Dp)
   vp = _pad_to(_pad_to(v, 1, Sp), 3, Ep)

@@ -47,6 +47,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common import NT
+from pallas_kernels.common.nonfinite import backward_operands, forward_operands
 
 NUM_LANES = 128
 NUM_SUBLANES = 8
@@ -56,9 +57,9 @@ _F32 = jnp.float32
 
 
 # ------------------------------------------------------------------------------------------------ block sizes
-# (field, axis, role): "lane" sizes are the minor dim of some block (multiple of 128), "sublane" sizes only the
+# (config field, axis, role, what): "lane" sizes are the minor dim of some block (multiple of 128), "sublane" sizes only the
 # second-minor dim (multiple of 8); a size equal to the whole (clamped) axis is always legal.
-_ROLES = (
+TILE_ROLES = (
     ("block_q", "T", "sublane", "rows of the q / out / lse blocks"),
     ("block_k", "S", "lane", "lanes of the logits and kv segment-id blocks"),
     ("block_q_dq", "T", "sublane", "rows of the q / dq / lse blocks"),
@@ -66,63 +67,6 @@ _ROLES = (
     ("block_q_dkv", "T", "lane", "lanes of the transposed logits, lse / delta and q segment-id blocks"),
     ("block_k_dkv", "S", "sublane", "rows of the k / v / dk / dv blocks"),
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-  """Tiles of the three kernels (forward, dq, dk/dv); ``None`` backward sizes take the forward ones.
-
-  TPU rule (checked by :meth:`resolve` and by every kernel entry, also in interpret mode, which does not enforce
-  it): the last two dims of every block are multiples of (8, 128) or span the whole array. Here ``block_k``,
-  ``block_k_dq`` and ``block_q_dkv`` are lane dims (multiples of 128), the others sublane dims (multiples of 8),
-  unless the size covers the whole (T or S) axis. Sizes larger than the axis are clamped to it.
-  """
-
-  block_q: int = DEFAULT_BLOCK
-  block_k: int = DEFAULT_BLOCK
-  block_q_dq: int | None = None
-  block_k_dq: int | None = None
-  block_q_dkv: int | None = None
-  block_k_dkv: int | None = None
-
-  def __post_init__(self):
-    for f in dataclasses.fields(self):
-      v = getattr(self, f.name)
-      if v is None and f.name not in ("block_q", "block_k"):
-        continue
-      if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-        raise ValueError(f"BlockSizes.{f.name} must be a positive int, got {v!r}")
-
-  @classmethod
-  def default(cls) -> "BlockSizes":
-    """512 x 512 tiles for all three kernels (splash/MaxText's usual choice on v5e/v5p); clamped per call."""
-    return cls()
-
-  @property
-  def fwd(self) -> tuple[int, int]:
-    return self.block_q, self.block_k
-
-  @property
-  def dq(self) -> tuple[int, int]:
-    return self.block_q_dq or self.block_q, self.block_k_dq or self.block_k
-
-  @property
-  def dkv(self) -> tuple[int, int]:
-    return self.block_q_dkv or self.block_q, self.block_k_dkv or self.block_k
-
-  def resolve(self, T: int, S: int) -> "BlockSizes":
-    """All six sizes filled in, clamped to ``T`` / ``S`` and checked against the TPU tiling rule.
-
-    Raises:
-      ValueError: naming the size, the rule and the sequence length.
-    """
-    (bq, bk), (bq_dq, bk_dq), (bq_dkv, bk_dkv) = self.fwd, self.dq, self.dkv
-    vals = dict(block_q=bq, block_k=bk, block_q_dq=bq_dq, block_k_dq=bk_dq, block_q_dkv=bq_dkv, block_k_dkv=bk_dkv)
-    lengths = {"T": T, "S": S}
-    out = {}
-    for name, axis, role, what in _ROLES:
-      out[name] = check_block(vals[name], lengths[axis], role, f"BlockSizes.{name}", axis, what)
-    return BlockSizes(**out)
 
 
 def check_block(block: int, length: int, role: str, name: str = "block", axis: str = "L", what: str = "") -> int:
@@ -413,7 +357,7 @@ def _fwd_kernel(*refs, geom: _Geom, has_seg: bool, has_tiles: bool, kv_len: int,
   @pl.when(j == pl.num_programs(3) - 1)
   def _end():
     l = l_scr[...]
-    ok = l > 0
+    ok = l != 0  # a NaN l (the row attends a non-finite input) keeps its NaN output and lse
     inv = jnp.where(ok, 1.0 / jnp.where(ok, l, 1.0), 0.0)
     o_ref[...] = (acc_scr[...] * _lanes(inv, E)).astype(o_ref.dtype)
     if with_lse:
@@ -422,7 +366,7 @@ def _fwd_kernel(*refs, geom: _Geom, has_seg: bool, has_tiles: bool, kv_len: int,
 
 def flash_attention_fwd(q, k, v, lists: VisitLists, tiles=None, *, q_segment_ids=None, kv_segment_ids=None,
                         scale: float, soft_cap: float | None = None, block_q: int, block_k: int,
-                        return_lse: bool = True, interpret=False):
+                        return_lse: bool = True, interpret=False, vmem_limit_bytes: int | None = None):
   """Forward flash attention over visiting lists.
 
   Args:
@@ -438,6 +382,7 @@ def flash_attention_fwd(q, k, v, lists: VisitLists, tiles=None, *, q_segment_ids
     block_q, block_k: tiles, checked against the (8, 128) rule (block_k is a lane dim).
     return_lse: also write the log-sum-exp.
     interpret: False (compile with Mosaic), True / ``pltpu.InterpretParams(...)`` (TPU interpret mode).
+    vmem_limit_bytes: the Mosaic scoped-VMEM limit (None: the compiler's default).
 
   Returns:
     ``out [B, T, H, E]`` in q's dtype and ``lse [B, H, T]`` f32 (``-inf`` for rows without allowed keys) or None.
@@ -454,6 +399,7 @@ def flash_attention_fwd(q, k, v, lists: VisitLists, tiles=None, *, q_segment_ids
   has_tiles, has_seg = tiles is not None, q_segment_ids is not None
   pref = flatten_lists(lists, has_tiles)
 
+  q, k, v = forward_operands(q, k, v)  # non-finite inputs reach allowed pairs only (pallas_kernels.common.nonfinite)
   qk, qop = _to_kernel(q, bq)
   kk, kop = _to_kernel(k, bk)
   vk, vop = _to_kernel(v, bk)
@@ -491,7 +437,8 @@ def flash_attention_fwd(q, k, v, lists: VisitLists, tiles=None, *, q_segment_ids
           scratch_shapes=[pltpu.VMEM((bq, NUM_LANES), _F32), pltpu.VMEM((bq, NUM_LANES), _F32),
                           pltpu.VMEM((bq, E), _F32)]),
       out_shape=out_shape,
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
+                                           vmem_limit_bytes=vmem_limit_bytes),
       interpret=_interpret(interpret),
       name="jaxattn_flash_fwd",
   )(*pref, *operands)
@@ -525,6 +472,8 @@ def _dq_kernel(*refs, geom: _Geom, has_seg: bool, has_tiles: bool, kv_len: int, 
     ds = p * (dp - _lanes(delta_ref[...], bk))
     if t is not None:
       ds = ds * (1.0 - t * t)
+    if keep is not None:  # masked entries are exact zeros, also in a row whose lse / delta is NaN
+      ds = jnp.where(keep, ds, 0.0)
     dq_scr[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=_F32, precision=prec)
 
   ctl.run(j, step)
@@ -536,7 +485,7 @@ def _dq_kernel(*refs, geom: _Geom, has_seg: bool, has_tiles: bool, kv_len: int, 
 
 def flash_attention_bwd_dq(q, k, v, do, lse, delta, lists: VisitLists, tiles=None, *, q_segment_ids=None,
                            kv_segment_ids=None, scale: float, soft_cap: float | None = None, block_q: int,
-                           block_k: int, interpret=False):
+                           block_k: int, interpret=False, vmem_limit_bytes: int | None = None):
   """dq of flash attention: ``dq_i = scale * sum_j P_ij (dP_ij - delta_i) (1 - tanh^2) k_j`` over visited blocks.
 
   Args:
@@ -559,6 +508,7 @@ def flash_attention_bwd_dq(q, k, v, do, lse, delta, lists: VisitLists, tiles=Non
   has_tiles, has_seg = tiles is not None, q_segment_ids is not None
   pref = flatten_lists(lists, has_tiles)
 
+  q, k, v = backward_operands(q, k, v)  # zeroed; poisoned rows carry NaN in lse / delta
   qk, qop = _to_kernel(q, bq)
   dok, doop = _to_kernel(do, bq)
   kk, kop = _to_kernel(k, bk)
@@ -592,7 +542,8 @@ def flash_attention_bwd_dq(q, k, v, do, lse, delta, lists: VisitLists, tiles=Non
           num_scalar_prefetch=len(pref), grid=(B, H, nq, geom.K), in_specs=in_specs, out_specs=dqop.spec(q_idx),
           scratch_shapes=[pltpu.VMEM((bq, D), _F32)]),
       out_shape=jax.ShapeDtypeStruct(dqop.shape(B, Tp, H), q.dtype),
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
+                                           vmem_limit_bytes=vmem_limit_bytes),
       interpret=_interpret(interpret),
       name="jaxattn_flash_bwd_dq",
   )(*pref, *operands)
@@ -629,11 +580,15 @@ def _dkv_kernel(*refs, geom: _Geom, R: int, has_seg: bool, has_tiles: bool, scal
     if keep is not None:
       st = jnp.where(keep, st, -jnp.inf)
     pt = jnp.exp(st - lse_ref[:1, :])
+    if keep is not None:  # masked entries are exact zeros, also in a row whose lse / delta is NaN
+      pt = jnp.where(keep, pt, 0.0)
     dv_scr[...] += jnp.dot(pt.astype(do.dtype), do, preferred_element_type=_F32, precision=prec)
     dpt = lax.dot_general(v_ref[...], do, NT, preferred_element_type=_F32, precision=prec)  # [bk, bq]
     dst = pt * (dpt - delta_ref[:1, :])
     if t is not None:
       dst = dst * (1.0 - t * t)
+    if keep is not None:
+      dst = jnp.where(keep, dst, 0.0)
     dk_scr[...] += jnp.dot(dst.astype(q.dtype), q, preferred_element_type=_F32, precision=prec)
 
   # Padded keys (rows >= S of the last block) need no mask here: their dk / dv rows are dropped, and they add
@@ -654,7 +609,7 @@ def _dkv_kernel(*refs, geom: _Geom, R: int, has_seg: bool, has_tiles: bool, scal
 
 def flash_attention_bwd_dkv(q, k, v, do, lse, delta, lists_t: VisitLists, tiles=None, *, q_segment_ids=None,
                             kv_segment_ids=None, scale: float, soft_cap: float | None = None, block_q: int,
-                            block_k: int, interpret=False):
+                            block_k: int, interpret=False, vmem_limit_bytes: int | None = None):
   """dk, dv of flash attention over the transposed lists; GQA groups are summed inside the kernel.
 
   Args:
@@ -680,6 +635,7 @@ def flash_attention_bwd_dkv(q, k, v, do, lse, delta, lists_t: VisitLists, tiles=
   has_tiles, has_seg = tiles is not None, q_segment_ids is not None
   pref = flatten_lists(lists_t, has_tiles)
 
+  q, k, v = backward_operands(q, k, v)  # zeroed; poisoned rows carry NaN in lse / delta
   qk, qop = _to_kernel(q, bq)
   dok, doop = _to_kernel(do, bq)
   kk, kop = _to_kernel(k, bk)
@@ -721,7 +677,8 @@ def flash_attention_bwd_dkv(q, k, v, do, lse, delta, lists_t: VisitLists, tiles=
       out_shape=[jax.ShapeDtypeStruct(dkop.shape(B, Sp, G), k.dtype),
                  jax.ShapeDtypeStruct(dvop.shape(B, Sp, G), v.dtype)],
       compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
+          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary"),
+          vmem_limit_bytes=vmem_limit_bytes),
       interpret=_interpret(interpret),
       name="jaxattn_flash_bwd_dkv",
   )(*pref, *operands)

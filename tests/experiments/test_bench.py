@@ -10,6 +10,7 @@ import pytest
 
 from configs import bench as bench_configs
 from experiments.bench import flops, registry, report, run
+from jaxattn import backend as backend_lib
 from jaxattn import masks
 from jaxattn.ops.softmax import api as softmax_api
 
@@ -72,14 +73,20 @@ def test_flops_causal_equals_dense_count():
 
 
 def test_not_implemented_is_skipped_and_errors_recorded(monkeypatch):
-  def refuses(*args, **kwargs):
-    raise NotImplementedError("no such luck")
+  class Refuses(backend_lib.Backend):
+    name = "refuses"
 
-  def breaks(*args, **kwargs):
-    raise RuntimeError("kernel exploded")
+    def fwd(self, call, config, args):
+      raise NotImplementedError("no such luck")
 
-  monkeypatch.setitem(softmax_api.REGISTRY, "refuses", refuses)
-  monkeypatch.setitem(softmax_api.REGISTRY, "breaks", breaks)
+  class Breaks(backend_lib.Backend):
+    name = "breaks"
+
+    def fwd(self, call, config, args):
+      raise RuntimeError("kernel exploded")
+
+  monkeypatch.setitem(softmax_api.BACKENDS, "refuses", Refuses())
+  monkeypatch.setitem(softmax_api.BACKENDS, "breaks", Breaks())
   rows = run.run_bench(_TINY, modes=("fwd",), progress=False)
   by_impl = {r["impl"]: r for r in rows}
   assert by_impl["refuses"]["status"] == "skipped" and "no such luck" in by_impl["refuses"]["error"]
@@ -97,7 +104,7 @@ def test_budget_skips_remaining_cases():
 
 
 def test_available_impls(monkeypatch):
-  monkeypatch.setitem(softmax_api.REGISTRY, "pallas_gpu", lambda *a, **k: None)
+  monkeypatch.setitem(softmax_api.BACKENDS, "pallas_gpu", softmax_api.BACKENDS["pallas_gpu"])
   names = [i.name for i in run.available_impls()]
   assert names[-1] == "jax.nn/xla" and "reference" not in names and "pallas_gpu" in names
   case = registry.cases(_TINY)[0]

@@ -80,7 +80,7 @@ def test_cli_overrides():
     (["--tasks", "64:20"], "MQAR needs N >= 4 D"),
     (["--mixers", "attention,mamba"], r"--mixers\[1\]: 'mamba' is not one of"),
     (["--train.early_stop", "1.5"], r"train.early_stop must be a float in \(0, 1\], got 1.5"),
-    (["--data.vocab_size", "100"], r"data.vocab_size \(100\) must be larger than the task's seq_len \(128\)"),
+    (["--data.vocab_size", "4"], r"--data.vocab_size: data.vocab_size \(4\) must be larger than the task's seq_len"),
     (["--d_models", "32,32"], "d_models has duplicates"),
     (["--train.epochs", "two"], "--train.epochs: expected int, got 'two'"),
     (["--model.embed_dropout", "1"], r"model.embed_dropout must be a float in \[0, 1\), got 1"),
@@ -112,8 +112,8 @@ def test_print_config(capsys):
 
 def test_add_flags_help_lists_every_leaf():
   parser = argparse.ArgumentParser()
-  config_lib.add_flags(parser, mqar.DEFAULT)
+  config_lib.add_flags(parser, dataclasses.replace(mqar.DEFAULT, tasks=(mqar.Task(32, 4), mqar.Task(64, 8))))
   text = parser.format_help()
   for flag in ("--tasks", "--d_models", "--train.batch_size", "--data.vocab_size", "--model.window", "--lrs"):
     assert flag in text
-  assert "preset: 64:4:None,128:8:None" in text
+  assert "preset: 32:4:None,64:8:None" in text

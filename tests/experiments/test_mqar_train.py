@@ -81,7 +81,8 @@ def test_sweep_command_resumes_after_kill(tmp_path, capsys):
     mqar_run.run_sweep(cfg, tmp_path / "killed", interrupt_after=10, progress=False)
   mqar_run.main(argv + ["--workdir", str(tmp_path / "killed")])  # the same command again
   out = capsys.readouterr().out
-  assert "| attention |" in out and "wall time" in out
+  assert "| attention |" in out and "runs trained in" in out
+  assert out.rstrip().splitlines()[-1].startswith("verdict: not tested")  # the test preset has attention only
   full = json.loads((tmp_path / "full" / "results.json").read_text())
   resumed = json.loads((tmp_path / "killed" / "results.json").read_text())
   strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]  # noqa: E731
@@ -91,8 +92,10 @@ def test_sweep_command_resumes_after_kill(tmp_path, capsys):
     assert (tmp_path / "killed" / name).exists(), name
   # a finished sweep is not retrained; other data/model/train settings are refused
   t0 = time.time()
-  mqar_run.main(argv + ["--workdir", str(tmp_path / "full")])
-  assert "0 runs trained" in capsys.readouterr().out and time.time() - t0 < 30
+  mqar_run.main(argv + ["--out", str(tmp_path / "full")])  # --out is --workdir
+  out = capsys.readouterr().out
+  assert "0 runs trained" in out and time.time() - t0 < 30
+  assert "1 of 1 runs already finished" in out and "nothing to train; --fresh retrains" in out
   with pytest.raises(SystemExit, match="different data/model/train settings"):
     mqar_run.main(argv + ["--workdir", str(tmp_path / "full"), "--train.epochs", "3"])
   # --report with a larger grid trains nothing and tables what has finished
@@ -141,8 +144,60 @@ def test_multihost_row_gather_single_process():
 
 
 def test_plan_runs_groups_learning_rates_per_architecture():
-  runs = mqar_run.plan_runs(mqar.DEFAULT)
+  runs = mqar_run.plan_runs(mqar.PIPELINE)
   assert len(runs) == 2 * 3 * 4 * 2 == len({r.name for r in runs})
   assert runs[0].name == "attention-N64-D4-d32-lr0.001" and runs[1].arch == runs[0].arch
   assert mqar.Task(64, 4, 512).name == "N64-D4" and mqar_run.Run(mqar.Task(64, 4, 512), "linear", 64, 1e-2).name == \
       "linear-N64-D4-b512-d64-lr0.01"
+
+
+def test_default_preset_is_the_finding_within_budget_and_writes_to_runs():
+  """The default sweep: attention / hybrid / BaseConv at two widths of one task (two settings), a bounded number
+  of optimizer steps (measured: 840 CPU-seconds, about 7 minutes on 2 idle cores), and a git-ignored default output
+  folder that is not the committed reference."""
+  from experiments.common.paths import is_reference_results
+  cfg = mqar.DEFAULT
+  runs = mqar_run.plan_runs(cfg)
+  assert {"attention", "hybrid", "baseconv"} <= set(cfg.mixers)
+  assert len(cfg.tasks) * len(cfg.d_models) >= 2
+  assert sum(cfg.total_steps(r.task) for r in runs) <= 6 * 2500
+  assert cfg.data.per_record_train and cfg.data.num_train >= max(cfg.total_steps(t) * cfg.batch_size(t)
+                                                                 for t in cfg.tasks)  # every example seen once
+  assert mqar_run.DEFAULT_WORKDIR == pathlib.Path("runs/mqar") and not is_reference_results(mqar_run.DEFAULT_WORKDIR)
+  cfg_cli, args = mqar_run.parse([])
+  assert cfg_cli == cfg and args.workdir is None
+
+
+def _cells(att, hyb, conv, task="N64-D4", widths=(32, 64)):
+  return {m: {task: dict(zip(widths, v))} for m, v in (("attention", att), ("hybrid", hyb), ("baseconv", conv))}
+
+
+def test_verdict_reproduced_partly_not_and_untested():
+  cfg = dataclasses.replace(mqar.DEFAULT, d_models=(32, 64))
+  line, settings = mqar_run.verdict(_cells((0.95, 0.99), (0.99, 0.995), (0.26, 0.27)), cfg)
+  assert line.startswith("verdict: reproduced") and [s["separates"] for s in settings] == [True, True]
+  line, settings = mqar_run.verdict(_cells((0.27, 0.93), (0.99, 0.995), (0.26, 0.27)), cfg)
+  assert line.startswith("verdict: partly reproduced") and "attention 0.27 < 0.9" in line
+  assert [s["separates"] for s in settings] == [False, True]
+  # BaseConv leaving its plateau breaks the separation even when attention solves the task
+  line, _ = mqar_run.verdict(_cells((0.95, 0.99), (0.99, 0.995), (0.26, 0.60)), cfg)
+  assert line.startswith("verdict: partly") and "baseconv 0.60 left its 1/D=0.25 plateau" in line
+  line, _ = mqar_run.verdict(_cells((0.27, 0.25), (0.5, 0.3), (0.26, 0.27)), cfg)
+  assert line.startswith("verdict: not reproduced")
+  one = dataclasses.replace(cfg, d_models=(64,))
+  line, _ = mqar_run.verdict(_cells((0.99,), (0.99,), (0.25,), widths=(64,)), one)
+  assert line.startswith("verdict: partly reproduced") and "needs at least two" in line
+  line, _ = mqar_run.verdict({"attention": {}}, cfg)  # runs missing from the results: never assumed
+  assert line.startswith("verdict: not reproduced") and "hybrid not run" in line
+  line, _ = mqar_run.verdict({}, dataclasses.replace(cfg, mixers=("attention",)))
+  assert line.startswith("verdict: not tested") and "baseconv" in line
+
+
+def test_finding_table_puts_the_paper_beside_ours():
+  cfg = dataclasses.replace(mqar.DEFAULT, d_models=(32, 64))
+  table = mqar_run.finding_table(_cells((0.25, 0.95), (0.99, 0.995), (0.26, 0.27)), cfg)
+  lines = table.splitlines()
+  assert lines[0] == "| mixer | N=64 D=4 d=32 | N=64 D=4 d=64 | Zoology, Figure 2 (paper) |"
+  assert lines[2].startswith("| attention | 0.250 | 0.950 | solves MQAR")
+  assert lines[3].startswith("| hybrid | 0.990 | 0.995 |") and lines[4].startswith("| baseconv | 0.260 | 0.270 |")
+  assert lines[-1].startswith("| *1/D plateau* | 0.250 | 0.250 |")

@@ -118,18 +118,15 @@ def test_soft_cap_and_scale_are_applied():
 def test_unsupported_options_raise():
   fn = as_attention_fn()
   q, k, v = _qkv(0, B=1, T=4, H=2, D=8)
-  with pytest.raises(NotImplementedError, match="dropout"):
-    fn(q, k, v, dropout_rate=0.1, deterministic=False, dropout_rng=jax.random.key(0))
+  # training-mode dropout is supported now (tests/nn/test_dropout_module.py); without a key it raises
+  with pytest.raises(ValueError, match="dropout_rng"):
+    fn(q, k, v, dropout_rate=0.1, deterministic=False)
   # inference mode with a dropout rate is fine
   testing.assert_close(jax.jit(functools.partial(fn, dropout_rate=0.1, deterministic=True))(q, k, v),
                        nnx.dot_product_attention(q, k, v), name="deterministic")
   layer = nnx.MultiHeadAttention(2, 16, dropout_rate=0.1, attention_fn=fn, decode=False, rngs=nnx.Rngs(0))
-  with pytest.raises(NotImplementedError, match="dropout"):
-    layer(jnp.ones((1, 4, 16)), deterministic=False)
   with pytest.raises(NotImplementedError, match="sow"):
     fn(q, k, v, module=layer)
-  with pytest.raises(NotImplementedError, match="logits_soft_cap"):
-    as_attention_fn(logits_soft_cap=2.0)(q, k, v, mask=jnp.ones((1, 1, 4, 4), bool))
   with pytest.raises(ValueError, match=r"mask shape \(3, 4\) does not broadcast"):
     fn(q, k, v, mask=jnp.ones((3, 4), bool))
 

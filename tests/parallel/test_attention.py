@@ -76,7 +76,7 @@ def test_errors():
     context_parallel_attention(q[:, :60], k[:, :60], v[:, :60], mesh=mesh, seq_axis="seq", strategy="ring")
   with pytest.raises(ValueError, match=r"usp needs seq_axis=\(ulysses_axis, ring_axis\)"):
     context_parallel_attention(q, k, v, mesh=mesh, seq_axis="seq", strategy="usp")
-  with pytest.raises(ValueError, match="'model' is not an axis of the mesh"):
+  with pytest.raises(ValueError, match="'model'.*not an axis of the mesh"):
     context_parallel_attention(q, k, v, mesh=mesh, seq_axis="model", strategy="ring")
   with pytest.raises(ValueError, match="either mesh= and seq_axis="):
     context_parallel_attention(q, k, v, mesh=mesh, seq_axis="seq", axis_name="seq", strategy="ring")

@@ -1,32 +1,63 @@
-"""``landmark_attention``: validation, defaults and dispatch."""
+"""``landmark_attention``: validation, the :class:`LandmarkCall`, and dispatch over the landmark backends
+(:mod:`jaxattn.backend` protocol).
+
+The family's backends take ``(q, k, v)`` and return ``(out, lse)``; their residuals are a
+:class:`~jaxattn.ops.landmark.config.LandmarkResiduals`.
+"""
 
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn import _dispatch
-from jaxattn._validation import validate_qkv
+from jaxattn import backend as backend_lib
+from jaxattn._validation import validate_qkv, validate_scale
 from jaxattn.ops.landmark import pallas_gpu, pallas_tpu, xla
-from jaxattn.ops.landmark.config import LandmarkConfig
+from jaxattn.ops.landmark.config import LandmarkCall, LandmarkResiduals
 from jaxattn.ops.landmark.reference import landmark_attention_reference
 
-REGISTRY = {
-    "reference": landmark_attention_reference,
-    "xla": xla.landmark_attention_xla,
-    "pallas_gpu": pallas_gpu.landmark_attention_pallas_gpu,
-    "pallas_tpu": pallas_tpu.landmark_attention_pallas_tpu,
-}
-DEFAULTS = {"cpu": ("xla",), "gpu": ("pallas_gpu", "xla"), "tpu": ("pallas_tpu", "xla")}
+
+class ReferenceBackend(backend_lib.Backend):
+  """The dense f32 definition (:func:`~jaxattn.ops.landmark.reference.landmark_attention_reference`); its gradient
+  is ``jax.vjp`` of the definition."""
+
+  name = "reference"
+  autodiff = True
+
+  def fwd(self, call: LandmarkCall, config, args):
+    out, lse = landmark_attention_reference(*args, call)
+    return (out, lse), LandmarkResiduals(*args, out, lse)
+
+  def bwd(self, call: LandmarkCall, config, residuals: LandmarkResiduals, cotangents, needs):
+    _, vjp = jax.vjp(lambda q, k, v: landmark_attention_reference(q, k, v, call), *residuals[:3])
+    return vjp(tuple(cotangents))
+
+
+OP = "landmark_attention"
+BACKENDS: dict[str, backend_lib.Backend] = {
+    b.name: b for b in (ReferenceBackend(), xla.BACKEND, pallas_gpu.BACKEND, pallas_tpu.BACKEND)}
+DEFAULTS: dict[str, tuple[str, ...]] = {"cpu": ("xla",), "gpu": ("pallas_gpu", "xla"), "tpu": ("pallas_tpu", "xla")}
+
+
+def make_call(q, k, v, *, block_size: int, scale: float | None = None) -> LandmarkCall:
+  """The :class:`LandmarkCall` of already validated arguments (arrays or ``jax.ShapeDtypeStruct``)."""
+  B, T, H, D = q.shape
+  _, _, G, E = v.shape
+  return LandmarkCall(B=B, T=T, H=H, G=G, D=D, E=E, dtype=jnp.dtype(q.dtype).name, block_size=int(block_size),
+                      scale=float(D) ** -0.5 if scale is None else float(scale))
+
+
+def resolve_backend(call: LandmarkCall, implementation=None) -> tuple[backend_lib.Backend, Any]:
+  """The landmark backend and config that serve ``call`` (no trial compile; see :func:`jaxattn.backend.resolve`)."""
+  return backend_lib.resolve(OP, BACKENDS, backend_lib.static_implementation(implementation), DEFAULTS, call)
 
 
 def landmark_attention(q, k, v, *, block_size: int, scale: float | None = None, return_lse: bool = False,
-                       implementation: str | Sequence[str] | None = None, block_q: int | None = None,
-                       block_k: int | None = None):
+                       implementation=None, block_q: int | None = None, block_k: int | None = None):
   r"""Causal landmark attention (Mohtashami & Jaggi 2023): the grouped softmax over landmark blocks.
 
   Token ``j`` is a landmark iff ``(j + 1) % block_size == 0`` (insert them with
@@ -46,6 +77,7 @@ def landmark_attention(q, k, v, *, block_size: int, scale: float | None = None, 
 
   Landmark values are never mixed in. A last block without a landmark (``T`` not a multiple of ``block_size``) is
   allowed. No row is ever empty (a query always sees itself or, as a landmark, its block's regular keys).
+  Non-finite values in k or v of positions a query does not use (later positions; landmark values) never reach it.
 
   Args:
     q: queries ``[B, T, H, D]`` (f32, bf16 or f16), RoPE already applied if used.
@@ -54,14 +86,22 @@ def landmark_attention(q, k, v, *, block_size: int, scale: float | None = None, 
     block_size: landmark block length (>= 2; the landmark is the block's last token). The paper uses 64 (50 regular
       tokens + landmark in its first experiments); the Pallas kernels need a power of two >= 16 on GPU and a
       multiple of 8 on TPU.
-    scale: logit scale, default ``D ** -0.5``.
+    scale: logit scale, a finite positive number (also in float32), default ``D ** -0.5``.
     return_lse: also return the top-level log-sum-exp ``[B, H, T]`` (f32, natural log) over ``TOP(i)``.
-    implementation: ``"reference"`` (dense f32 definition, autodiff), ``"xla"`` (blockwise online softmax, memory
-      linear in ``T``, ``custom_vjp``; the CPU default), ``"pallas_gpu"`` (Triton-lowered Pallas kernels; tile =
-      landmark block), ``"pallas_tpu"`` (Mosaic kernels); on CPU the Pallas ones run in interpret mode when asked
-      for explicitly. A sequence is tried in order; None picks per platform.
-    block_q: query tile of the blockwise implementations (a multiple of ``block_size``; default per backend).
-    block_k: key tile of ``"xla"`` (a multiple of ``block_size``; the kernels use ``block_size``).
+    implementation: a backend name, ``(name, Config)``, a sequence of those tried in order, or None (per
+      platform: CPU ``xla``; GPU ``pallas_gpu``, ``xla``; TPU ``pallas_tpu``, ``xla``; a backend that refuses the
+      call or whose kernels do not fit is skipped with a :class:`jaxattn.backend.FallbackWarning`). Backends:
+      ``"reference"`` (dense f32 definition; gradient by autodiff of it), ``"xla"`` (blockwise online softmax,
+      memory linear in ``T``; the CPU default; Config :class:`~jaxattn.ops.landmark.config.XlaConfig`),
+      ``"pallas_gpu"`` (Triton-lowered Pallas kernels, key tile = landmark block; block sizes powers of two >= 16;
+      Config :class:`~jaxattn.ops.landmark.config.PallasGpuConfig`), ``"pallas_tpu"`` (Mosaic kernels; block sizes
+      multiples of 8; Config :class:`~jaxattn.ops.landmark.config.PallasTpuConfig`); on CPU the Pallas ones run in
+      interpret mode when named. A named backend that cannot serve the call raises ``NotImplementedError``; an
+      invalid Config raises ``ValueError``.
+    block_q: shorthand for the query tile (``block_q`` field) of whichever blockwise backend runs (a multiple of
+      ``block_size``; a power-of-two multiple on GPU; default per backend). Not combinable with ``(name, Config)``.
+    block_k: shorthand for the key tile of ``"xla"`` (a multiple of ``block_size``); the kernels' key tile is
+      always one landmark block, so they ignore it.
 
   Returns:
     ``out [B, T, H, E]`` in q's dtype, and ``lse [B, H, T]`` if ``return_lse``.
@@ -75,28 +115,26 @@ def landmark_attention(q, k, v, *, block_size: int, scale: float | None = None, 
   if not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool) or block_size < 2:
     raise ValueError(f"block_size must be an int >= 2 (regular tokens + 1 landmark), got {block_size!r}")
   block_size = int(block_size)
-  if scale is None:
-    scale = float(D) ** -0.5
-  elif not isinstance(scale, (int, float, np.floating)) or isinstance(scale, bool) or not np.isfinite(scale):
-    raise ValueError(f"scale must be a finite Python float, got {scale!r}")
+  scale = validate_scale(scale, D)
   for name, b in (("block_q", block_q), ("block_k", block_k)):
     if b is None:
       continue
     if not isinstance(b, (int, np.integer)) or isinstance(b, bool) or b < 1 or b % block_size:
       raise ValueError(f"{name} must be a positive multiple of block_size={block_size}, got {b!r}")
-  cfg = LandmarkConfig(T=T, block_size=block_size, scale=float(scale),
-                       block_q=None if block_q is None else int(block_q),
-                       block_k=None if block_k is None else int(block_k))
-  if implementation is not None and not isinstance(implementation, str):
-    implementation = tuple(implementation)
-  out, lse = _run(q, k, v, implementation=implementation, cfg=cfg)
+  call = make_call(q, k, v, block_size=block_size, scale=scale)
+  implementation = backend_lib.static_implementation(implementation)
+  tiles = {name: int(b) for name, b in (("block_q", block_q), ("block_k", block_k)) if b is not None}
+  if tiles:
+    implementation = backend_lib.with_config_fields(OP, BACKENDS, DEFAULTS, implementation, call, **tiles)
+  out, lse = _run(q, k, v, implementation=implementation, call=call)
   return (out, lse) if return_lse else out
 
 
-@functools.partial(jax.jit, static_argnames=("implementation", "cfg"))
-def _run(q, k, v, *, implementation, cfg: LandmarkConfig):
-  # jit here so eager calls compile once per (shapes, config), not on every call; inlined under an outer jit.
-  return _dispatch.dispatch("landmark_attention", REGISTRY, implementation, DEFAULTS, q, k, v, cfg)
+@functools.partial(jax.jit, static_argnames=("implementation", "call"))
+def _run(q, k, v, *, implementation, call: LandmarkCall):
+  # jit here so eager calls compile once per (shapes, call, implementation), not on every call; inlined under an
+  # outer jit.
+  return backend_lib.dispatch(OP, BACKENDS, implementation, DEFAULTS, call, (q, k, v))
 
 
 def _validate_qkv(q, k, v) -> None:

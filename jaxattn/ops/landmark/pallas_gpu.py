@@ -1,76 +1,93 @@
 """``implementation="pallas_gpu"``: fused landmark attention with Pallas (Triton lowering) on GPUs.
 
-The kernels in :mod:`pallas_kernels.landmark.gpu` (tile = landmark block; forward, dq, dk/dv) composed into a
-``custom_vjp``; ``delta = rowsum(dO * O) - dlse`` is computed in XLA between the forward and the backward kernels.
+The kernels in :mod:`pallas_kernels.landmark.gpu` (key tile = one landmark block; forward, dq, dk/dv) joined by
+:func:`jaxattn.backend.flash_vjp` through the shared ``fwd`` / ``bwd`` of :mod:`jaxattn.ops.landmark.pallas_common`.
 
 Supports: GQA/MQA, any ``T`` (a last block without landmark), head dims up to 256 (non powers of two are zero-padded),
-f32/bf16/f16, lse. Refuses (``NotImplementedError``): block sizes that are not powers of two >= 16, platforms other
-than GPU and CPU. On a CPU backend it runs in Pallas interpret mode (slow; for tests); ``implementation=None`` never
-picks it there. The query tile defaults to 128 tokens (at least one block; halved while it still covers T),
-or ``cfg.block_q``.
+f32/bf16/f16, lse. ``supports`` refuses block sizes that are not powers of two >= 16, larger head dims, platforms
+other than GPU and CPU, and on GPU the calls whose kernels exceed its shared memory even at one block and one stage
+(the static budget of :mod:`pallas_kernels.landmark.budget`, e.g. D=256 bf16 block 128, D=128 f32 block 128). On a
+CPU backend it runs in Pallas interpret mode (slow; for tests); ``implementation=None`` never picks it there.
+
+Config: :class:`~jaxattn.ops.landmark.config.PallasGpuConfig` (``block_q``: a power-of-two multiple of the block size;
+``num_warps`` / ``num_stages`` / ``bwd_num_stages``). :meth:`PallasGpuBackend.default_config` is the one place the
+query tile and the stages are chosen (from the shared-memory budget).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
-import jax
-import jax.numpy as jnp
+from jaxattn import backend as backend_lib
+from jaxattn.ops.landmark.config import LandmarkCall, PallasGpuConfig
+from jaxattn.ops.landmark.pallas_common import PallasLandmarkBackend
+from jaxattn.backend import config_error
+from pallas_kernels.common.smem import HOPPER_SMEM_BYTES, smem_limit
+from pallas_kernels.landmark import budget, gpu
 
-from jaxattn import _dispatch
-from jaxattn.ops.landmark.config import LandmarkConfig
-from pallas_kernels.landmark import gpu
+__all__ = ["PallasGpuBackend", "BACKEND", "DEFAULT_BLOCK_Q"]
 
-_DEFAULT_BLOCK_Q = 128
-
-
-@dataclasses.dataclass(frozen=True)
-class _Static:
-  cfg: LandmarkConfig
-  block_q: int
-  interpret: bool
+DEFAULT_BLOCK_Q = 128  # query-tile tokens of the default config (at least one block)
+_NUM_WARPS = (1, 2, 4, 8, 16)
 
 
-def landmark_attention_pallas_gpu(q, k, v, cfg: LandmarkConfig):
-  """The Pallas GPU kernels (interpret mode on CPU); see the module docstring for what is supported."""
-  interpret = _dispatch.pallas_interpret("pallas_gpu")
-  D, E = q.shape[-1], v.shape[-1]
-  if max(D, E) > gpu.MAX_HEAD_DIM:
-    raise NotImplementedError(f"pallas_gpu supports head dims up to {gpu.MAX_HEAD_DIM}, got D={D}, E={E}")
-  block_q = cfg.block_q or max(cfg.block_size, _DEFAULT_BLOCK_Q)
-  if cfg.block_q is None:
-    while block_q // 2 >= max(cfg.block_size, cfg.T):  # short sequences: do not pad to a long tile
-      block_q //= 2
-  try:
-    gpu.check_blocks(cfg.block_size, block_q)
-  except ValueError as e:
-    raise NotImplementedError(f"pallas_gpu: {e}") from None
-  return _attention(q, k, v, _Static(cfg, block_q, interpret=interpret))
+class PallasGpuBackend(PallasLandmarkBackend):
+  """The Triton-lowered landmark kernels (interpret mode on CPU)."""
+
+  name = "pallas_gpu"
+  Config = PallasGpuConfig
+  kernel_platform = "gpu"
+  kernels = gpu
+
+  def supports(self, call: LandmarkCall) -> str | None:
+    reason = self.platform_reason()
+    if reason is None and max(call.D, call.E) > gpu.MAX_HEAD_DIM:
+      reason = f"pallas_gpu supports head dims up to {gpu.MAX_HEAD_DIM}, got D={call.D}, E={call.E}"
+    if reason is None:
+      try:
+        gpu.check_blocks(call.block_size, call.block_size)
+      except ValueError as e:
+        reason = str(e)
+    if reason is None and backend_lib.platform() == "gpu":  # shared memory: the static budget of the three kernels
+      reason = budget.refusal(D=call.D, E=call.E, dtype=call.dtype, block_size=call.block_size, limit=smem_limit())
+    return reason
+
+  def default_config(self, call: LandmarkCall) -> PallasGpuConfig:
+    # The one place the GPU query tile is chosen: the largest tile (128 tokens, at least one block, halved while it
+    # still covers T) whose three kernels fit this GPU's shared memory (static budget, pallas_kernels.landmark.budget),
+    # then the most stages for the forward and the backward kernels; f32: one stage, 8 warps, smaller tiles (compile
+    # time).
+    limit = smem_limit() if backend_lib.platform() == "gpu" else HOPPER_SMEM_BYTES
+    tiles = budget.choose_tiles(D=call.D, E=call.E, dtype=call.dtype, block_size=call.block_size, T=call.T,
+                                limit=limit, max_block_q=DEFAULT_BLOCK_Q)
+    if tiles is None:  # supports() refuses this call on GPU; interpret mode (CPU) runs the smallest tiles
+      return PallasGpuConfig(block_q=call.block_size, num_stages=1, bwd_num_stages=1)
+    return PallasGpuConfig(block_q=tiles.block_q, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+                           bwd_num_stages=tiles.bwd_num_stages)
+
+  def validate_config(self, call: LandmarkCall, config: PallasGpuConfig) -> None:
+    owner = f"{self.name}: {type(config).__name__}"
+    try:
+      gpu.check_blocks(call.block_size, config.block_q)
+    except (ValueError, TypeError):
+      raise config_error(owner, "block_q", config.block_q,
+                         f"must be a power-of-two multiple of block_size={call.block_size}") from None
+    if config.num_warps is not None and config.num_warps not in _NUM_WARPS:
+      raise config_error(owner, "num_warps", config.num_warps, f"must be None or one of {_NUM_WARPS}")
+    if not isinstance(config.num_stages, int) or isinstance(config.num_stages, bool) or not 1 <= config.num_stages <= 8:
+      raise config_error(owner, "num_stages", config.num_stages, "must be an int in [1, 8]")
+    bwd = config.bwd_num_stages
+    if bwd is not None and (not isinstance(bwd, int) or isinstance(bwd, bool) or not 1 <= bwd <= 8):
+      raise config_error(owner, "bwd_num_stages", bwd, "must be None or an int in [1, 8]")
+
+  def kernel_kwargs(self, call: LandmarkCall, config: PallasGpuConfig) -> dict:
+    return dict(super().kernel_kwargs(call, config), num_warps=config.num_warps, num_stages=config.num_stages)
+
+  def bwd(self, call: LandmarkCall, config: PallasGpuConfig, residuals, cotangents, needs):
+    # the backward kernels run with their own stage count (the dk/dv kernel pipelines q / dO tiles: more bytes)
+    if config.bwd_num_stages is not None:
+      config = dataclasses.replace(config, num_stages=config.bwd_num_stages)
+    return super().bwd(call, config, residuals, cotangents, needs)
 
 
-def _common(st: _Static):
-  return dict(block_size=st.cfg.block_size, block_q=st.block_q, scale=st.cfg.scale, interpret=st.interpret)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _attention(q, k, v, st: _Static):
-  return gpu.flash_landmark_forward(q, k, v, **_common(st))
-
-
-def _attention_fwd(q, k, v, st: _Static):
-  out, lse = gpu.flash_landmark_forward(q, k, v, **_common(st))
-  return (out, lse), (q, k, v, out, lse)
-
-
-def _attention_bwd(st: _Static, res, g):
-  q, k, v, out, lse = res
-  dout, dlse = g
-  # delta_i = sum_e dO_ie O_ie - dlse_i: the row term of the top-level softmax Jacobian.
-  delta = jnp.einsum("bthe,bthe->bht", dout.astype(jnp.float32), out.astype(jnp.float32)) - dlse
-  dq = gpu.flash_landmark_backward_dq(q, k, v, dout, lse, delta, **_common(st))
-  dk, dv = gpu.flash_landmark_backward_dkv(q, k, v, dout, lse, delta, **_common(st))
-  return dq, dk, dv
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+BACKEND = PallasGpuBackend()

@@ -12,13 +12,16 @@ whole landmark blocks (``block_k % block_size == 0``), so the intra-block softma
 visit only key tiles up to their diagonal. Padding ``T`` to whole tiles needs no mask: padded keys are in the
 future of every real query (and padded blocks are never "earlier" blocks of a real query).
 
-Backward (``custom_vjp``, no ``T x T`` array and no per-tile residuals): with the saved top-level lse and
-``delta_i = sum_e dO_ie O_ie - dlse_i``, per tile
+Backward (``bwd``, run by :func:`jaxattn.backend.flash_vjp`; no ``T x T`` array and no per-tile residuals): with
+the saved top-level lse and ``delta_i = sum_e dO_ie O_ie - dlse_i``, per tile
 
 - ``a_ij`` as above with ``m = lse``; ``dP = dO V^T``; ``Dloc_ib = sum_{j in b} softmax_b(s_i)_j dP_ij``;
 - ``dS_ij = a_ij (dP_ij - Dloc_ib)`` (regular key of an earlier block), ``p_top(L_b) (Dloc_ib - delta_i)`` (its
   landmark), ``a_ij (dP_ij - delta_i)`` (current block);
 - ``dQ += dS K``, ``dK += dS^T Q``, ``dV += a^T dO``: a dq pass over query tiles and a dk/dv pass over key tiles.
+
+Config: :class:`~jaxattn.ops.landmark.config.XlaConfig` (``block_q`` / ``block_k``: positive multiples of the block
+size; default the multiples nearest 256 tokens, shrunk to the sequence).
 """
 
 from __future__ import annotations
@@ -27,27 +30,45 @@ import dataclasses
 import functools
 import math
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxattn._validation import first_order_only
 from jaxattn._vma import match_vma, sum_to_vma
-from jaxattn.ops.landmark.config import LandmarkConfig
+from jaxattn.backend import Backend
+from jaxattn.ops.landmark.config import LandmarkCall, LandmarkResiduals, XlaConfig, check_tile
+from jaxattn.ops.nonfinite import poison_rows, sanitize
 
 _DEFAULT_TILE = 256
 
 
-def default_tiles(T: int, block_size: int, block_q: int | None = None, block_k: int | None = None):
-  """``(block_q, block_k)``: multiples of the block size near 256 tokens, shrunk to the sequence."""
-  bs = block_size
-  whole = -(-T // bs) * bs
-  default = min(max(1, _DEFAULT_TILE // bs) * bs, whole)
-  return block_q or default, block_k or default
+class XlaBackend(Backend):
+  """Blockwise online grouped softmax in pure JAX: every block size, GQA/MQA, any ``T``, every dtype."""
+
+  name = "xla"
+  Config = XlaConfig
+
+  def default_config(self, call: LandmarkCall) -> XlaConfig:
+    bs = call.block_size
+    tile = min(max(1, _DEFAULT_TILE // bs) * bs, -(-call.T // bs) * bs)
+    return XlaConfig(block_q=tile, block_k=tile)
+
+  def validate_config(self, call: LandmarkCall, config: XlaConfig) -> None:
+    for field in ("block_q", "block_k"):
+      check_tile(f"{self.name}: {type(config).__name__}", field, getattr(config, field), call.block_size)
+
+  def fwd(self, call: LandmarkCall, config: XlaConfig, args):
+    q, k, v = args
+    out, lse = _forward(q, k, v, _Static(call, config.block_q, config.block_k))
+    return (out, lse), LandmarkResiduals(q, k, v, out, lse)
+
+  def bwd(self, call: LandmarkCall, config: XlaConfig, residuals: LandmarkResiduals, cotangents, needs):
+    return _BACKWARD(_Static(call, config.block_q, config.block_k), residuals, tuple(cotangents))
 
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
-  cfg: LandmarkConfig
+  cfg: LandmarkCall
   bq: int
   bk: int
 
@@ -55,14 +76,6 @@ class _Static:
   def Tp(self) -> int:
     step = math.lcm(self.bq, self.bk)
     return -(-self.cfg.T // step) * step
-
-
-def landmark_attention_xla(q, k, v, cfg: LandmarkConfig):
-  bq, bk = default_tiles(cfg.T, cfg.block_size, cfg.block_q, cfg.block_k)
-  for name, b in (("block_q", bq), ("block_k", bk)):
-    if b % cfg.block_size:
-      raise ValueError(f"xla landmark attention: {name}={b} must be a multiple of block_size={cfg.block_size}")
-  return _attention(q, k, v, _Static(cfg, bq, bk))
 
 
 # ------------------------------------------------------------------------------------------------ layout helpers
@@ -139,8 +152,14 @@ def _forward(q, k, v, st: _Static):
   R = H // G
   bq, bk, Tp = st.bq, st.bk, st.Tp
   tile = _Tile(st, q.dtype)
-  qB = _blocks(q.reshape(B, T, G, R, D), bq, Tp)  # [nQ, B, G, R, bq, D]
-  kB, vB = _blocks(k, bk, Tp), _blocks(v, bk, Tp)  # [nK, B, G, bk, D|E]
+  # Non-finite inputs (jaxattn.ops.nonfinite): zeroed values; a query row, or a key whose k (or, at a regular
+  # position, v: landmark values are never mixed in) is non-finite, is all-NaN in the logits operands, so it
+  # reaches only the (query, key) pairs the grouped softmax uses.
+  (qs, bad_q), (ks, bad_k), (vs, bad_v) = sanitize(q), sanitize(k), sanitize(v)
+  regular = (jnp.arange(T) + 1) % st.cfg.block_size != 0
+  ks = poison_rows(ks, bad_k | (bad_v & regular[None, :, None]))
+  qB = _blocks(poison_rows(qs, bad_q).reshape(B, T, G, R, D), bq, Tp)  # [nQ, B, G, R, bq, D]
+  kB, vB = _blocks(ks, bk, Tp), _blocks(vs, bk, Tp)  # [nK, B, G, bk, D|E]
   nq = Tp // bq
 
   def one_q_block(qi):
@@ -156,7 +175,8 @@ def _forward(q, k, v, st: _Static):
       alpha = jnp.exp(m - m_safe)
       w = jnp.exp(lam - m_safe[..., None])  # [.., bq, n]
       p_cur = jnp.exp(s_cur - m_safe[..., None, None])
-      p = tile.flat(p_cur + tile.local(s) * w[..., None])  # [.., bq, bk]
+      # where(): the local softmax of a future block holding a NaN key is NaN, and its weight w is 0
+      p = tile.flat(p_cur + jnp.where(past[..., None], tile.local(s) * w[..., None], 0.0))  # [.., bq, bk]
       l = alpha * l + w.sum(-1) + p_cur.sum((-2, -1))
       acc = alpha[..., None] * acc + jnp.einsum("bgrqk,bgke->bgrqe", p.astype(v.dtype), vB[kj],
                                                 preferred_element_type=jnp.float32, precision=tile.prec)
@@ -166,7 +186,7 @@ def _forward(q, k, v, st: _Static):
             jnp.zeros((B, G, R, bq, E), jnp.float32))
     m, l, acc = lax.fori_loop(0, ((qi + 1) * bq - 1) // bk + 1, body, match_vma(init, q, k, v))
     out = (acc / jnp.where(l == 0, 1.0, l)[..., None]).astype(q.dtype)
-    lse = jnp.where(l > 0, _safe(m) + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+    lse = jnp.where(l == 0, -jnp.inf, _safe(m) + jnp.log(jnp.where(l == 0, 1.0, l)))  # NaN l stays NaN
     return out, lse
 
   outB, lseB = lax.map(one_q_block, jnp.arange(nq))  # [nQ, B, G, R, bq, E], [nQ, B, G, R, bq]
@@ -178,16 +198,19 @@ def _forward(q, k, v, st: _Static):
 # ---------------------------------------------------------------------------------------------------- backward
 def _tile_grads(tile: _Tile, s, past, cur, lse, delta, dp):
   """``(a, ds)`` of one tile, both ``[B, G, R, bq, bk]`` f32 (see the module docstring)."""
-  lam = jnp.where(past, s[..., -1], -jnp.inf)
-  p_top = jnp.exp(lam - lse[..., None])  # [.., bq, n]: p_top(L_b), 0 unless b is an earlier block
+  # Every term is selected with where() on its own structure (cur / past), so a row whose lse is NaN (it attends
+  # a non-finite input) or a future block holding a NaN key adds exact zeros elsewhere.
+  pastb = past[..., None]
+  p_top = jnp.where(past, jnp.exp(jnp.where(past, s[..., -1], -jnp.inf) - lse[..., None]), 0.0)  # [.., bq, n]
   p_loc = tile.local(s)  # [.., bq, n, bs]
-  a_cur = jnp.exp(jnp.where(cur, s, -jnp.inf) - lse[..., None, None])
-  a_past = p_loc * p_top[..., None]
+  a_cur = jnp.where(cur, jnp.exp(jnp.where(cur, s, -jnp.inf) - lse[..., None, None]), 0.0)
+  a_past = jnp.where(pastb, p_loc * p_top[..., None], 0.0)
   dp = dp.reshape(s.shape)
   d_loc = jnp.sum(p_loc * dp, axis=-1)  # [.., bq, n]
   last = lax.iota(jnp.int32, tile.bs) == tile.bs - 1
-  ds = (a_cur * (dp - delta[..., None, None]) + a_past * (dp - d_loc[..., None])
-        + jnp.where(last, (p_top * (d_loc - delta[..., None]))[..., None], 0.0))
+  ds = (jnp.where(cur, a_cur * (dp - delta[..., None, None]), 0.0)
+        + jnp.where(pastb, a_past * (dp - d_loc[..., None]), 0.0)
+        + jnp.where(last & pastb, (p_top * (d_loc - delta[..., None]))[..., None], 0.0))
   return tile.flat(a_cur + a_past), tile.flat(ds)
 
 
@@ -202,6 +225,7 @@ def _backward(st: _Static, res, g):
   tile = _Tile(st, q.dtype)
   # delta_i = sum_e dO_ie O_ie - dlse_i: the row term of the top-level softmax Jacobian.
   delta = jnp.einsum("bthe,bthe->bht", dout.astype(jnp.float32), out.astype(jnp.float32)) - dlse
+  q, k, v = (sanitize(x)[0] for x in (q, k, v))  # non-finite inputs: their rows carry NaN in lse / delta
   qB = _blocks(q.reshape(B, T, G, R, D), bq, Tp)
   doB = _blocks(dout.reshape(B, T, G, R, E), bq, Tp)
   lseB, deltaB = _rows(_safe(lse), B, T, G, R, bq, Tp), _rows(delta, B, T, G, R, bq, Tp)
@@ -241,15 +265,8 @@ def _backward(st: _Static, res, g):
   return sum_to_vma((dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)), (q, k, v))
 
 
-# --------------------------------------------------------------------------------------------------- custom_vjp
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _attention(q, k, v, st: _Static):
-  return _forward(q, k, v, st)
+# The backward's loops have data-dependent trip counts: forward-mode over it works (Hessian-vector products),
+# reverse-mode over it raises a clear NotImplementedError.
+_BACKWARD = first_order_only(_backward, op="landmark_attention", implementation="xla")
 
-
-def _attention_fwd(q, k, v, st):
-  out, lse = _forward(q, k, v, st)
-  return (out, lse), (q, k, v, out, lse)
-
-
-_attention.defvjp(_attention_fwd, _backward)
+BACKEND = XlaBackend()

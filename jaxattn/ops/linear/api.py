@@ -1,40 +1,51 @@
-"""``linear_attention`` and ``linear_attention_step``: validation, defaults and dispatch."""
+"""``linear_attention`` and ``linear_attention_step``: validation, the :class:`LinearCall`, and dispatch over the
+linear backends (:mod:`jaxattn.backend` protocol).
+
+The family's backends take ``(q, k, v, log_decay, initial_state)`` and return ``(out, final_state)``; their
+residuals are a :class:`~jaxattn.ops.linear.config.LinearResiduals`.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+import functools
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn import _dispatch
-from jaxattn._validation import validate_qkv
+from jaxattn import backend as backend_lib
+from jaxattn._validation import (validate_chunk_size, validate_log_decay, validate_qkv, validate_scale,
+                                 validate_state)
 from jaxattn.ops.linear import pallas_gpu, pallas_tpu, reference, xla
-from jaxattn.ops.linear.config import LinearConfig
+from jaxattn.ops.linear.config import LinearCall
 
-REGISTRY = {
-    "reference": reference.linear_attention_reference,
-    "xla": xla.linear_attention_xla,
-    "pallas_gpu": pallas_gpu.linear_attention_pallas_gpu,
-    "pallas_tpu": pallas_tpu.linear_attention_pallas_tpu,
-}
-DEFAULTS = {"cpu": ("xla",), "gpu": ("pallas_gpu", "xla"), "tpu": ("pallas_tpu", "xla")}
+OP = "linear_attention"
+BACKENDS: dict[str, backend_lib.Backend] = {
+    b.name: b for b in (reference.BACKEND, xla.BACKEND, pallas_gpu.BACKEND, pallas_tpu.BACKEND)}
+DEFAULTS: dict[str, tuple[str, ...]] = {"cpu": ("xla",), "gpu": ("pallas_gpu", "xla"), "tpu": ("pallas_tpu", "xla")}
 
 
-def register(name: str, fn) -> None:
-  """Adds an implementation (used by the Pallas backends when they are importable)."""
-  REGISTRY[name] = fn
+def make_call(q, k, v, *, log_decay=None, initial_state=None, causal: bool = True,
+              scale: float | None = None) -> LinearCall:
+  """The :class:`LinearCall` of already validated arguments (arrays or ``jax.ShapeDtypeStruct``)."""
+  B, T, H, D = q.shape
+  _, S, G, E = v.shape
+  decay = None if log_decay is None else ("head" if len(log_decay.shape) == 1 else "token")
+  return LinearCall(B=B, T=T, S=S, H=H, G=G, D=D, E=E, dtype=jnp.dtype(q.dtype).name,
+                    scale=float(D) ** -0.5 if scale is None else float(scale), causal=bool(causal), decay=decay,
+                    initial_state=initial_state is not None)
 
 
-def _defaults():
-  """The platform chains restricted to registered implementations (the Pallas ones register themselves)."""
-  return {p: tuple(i for i in chain if i in REGISTRY) for p, chain in DEFAULTS.items()}
+def resolve_backend(call: LinearCall, implementation=None) -> tuple[backend_lib.Backend, Any]:
+  """The linear backend and config that serve ``call`` (no trial compile; see :func:`jaxattn.backend.resolve`)."""
+  return backend_lib.resolve(OP, BACKENDS, backend_lib.static_implementation(implementation), DEFAULTS, call)
 
 
 def linear_attention(q, k, v, *, log_decay=None, causal: bool = True, scale: float | None = None,
                      initial_state=None, return_final_state: bool = False,
-                     implementation: str | Sequence[str] | None = None, chunk_size: int | None = None):
+                     implementation=None, chunk_size: int | None = None):
   r"""Linear attention with an optional decay (TransNormerLLM / Lightning / RetNet / GLA-style gates).
 
   The recurrent definition, with an f32 state ``S_t [B, H, D, E]`` per query head:
@@ -50,6 +61,10 @@ def linear_attention(q, k, v, *, log_decay=None, causal: bool = True, scale: flo
   ``causal=False``: ``o_t = scale * q_t^T S`` with ``S = S_0 + sum_s k_s v_s^T`` for every ``t`` (then ``S`` is also
   the final state, the key length may differ from ``T``, and ``log_decay`` must be None).
 
+  Non-finite values: a NaN / inf in token ``s`` (or in ``S_0``) reaches ``o_t`` only for ``s <= t`` with no reset in
+  between, a reset being a decay factor that is exactly 0 in f32 (``g = -inf``; ``0 * S`` is then 0 even when ``S``
+  is NaN); later tokens, chunk padding and tokens after a reset stay finite and exact, in outputs and gradients.
+
   Args:
     q: queries ``[B, T, H, D]`` (f32, bf16 or f16).
     k: keys ``[B, T, G, D]`` (``[B, S, G, D]`` when ``causal=False``), ``H % G == 0``.
@@ -62,12 +77,21 @@ def linear_attention(q, k, v, *, log_decay=None, causal: bool = True, scale: flo
     initial_state: ``S_0 [B, H, D, E]`` (any float dtype; used in f32), e.g. the state of a previous segment.
     return_final_state: also return ``S_T [B, H, D, E]`` f32 (for decoding with :func:`linear_attention_step` or
       the next segment).
-    implementation: ``"reference"`` (the recurrence, one ``lax.scan`` step per token) or ``"xla"`` (chunkwise,
-      batched over chunks, numerically safe decay matrices, ``custom_vjp`` keeping chunk-boundary states only; the
-      CPU default); ``"pallas_tpu"`` / ``"pallas_gpu"`` (chunked Pallas kernels, forward and backward; interpret
-      mode on CPU; they refuse ``causal=False``, which falls back to ``"xla"``, and TPU refuses float16). A
-      sequence is tried in order; None picks per platform. Otherwise every implementation supports every option.
-    chunk_size: chunk length for the chunkwise implementations (default 64, at most ``T``). Any ``T`` works.
+    implementation: a backend name, ``(name, Config)``, a sequence of those tried in order, or None (per
+      platform: CPU ``xla``; GPU ``pallas_gpu``, ``xla``; TPU ``pallas_tpu``, ``xla``; a backend that refuses the
+      call or whose kernels do not fit is skipped with a :class:`jaxattn.backend.FallbackWarning`). Backends:
+      ``"reference"`` (the recurrence, one ``lax.scan`` step per token; gradient by autodiff of it), ``"xla"``
+      (chunkwise, batched over chunks, numerically safe decay matrices, a backward keeping chunk-boundary states
+      only; the CPU default; Config :class:`~jaxattn.ops.linear.config.XlaConfig`), ``"pallas_gpu"`` /
+      ``"pallas_tpu"`` (chunked Pallas kernels, forward and backward; interpret mode on CPU when named; they refuse
+      ``causal=False``, which falls back to ``"xla"``, and TPU refuses float16; Configs
+      :class:`~jaxattn.ops.linear.config.PallasGpuConfig` / :class:`~jaxattn.ops.linear.config.PallasTpuConfig`).
+      Otherwise every backend supports every option. A named backend that cannot serve the call raises
+      ``NotImplementedError``; an invalid Config raises ``ValueError``.
+    chunk_size: shorthand for the ``chunk_size`` field of whichever chunked backend runs (``xla``: any positive
+      int, default ``min(64, T)``; ``pallas_gpu``: a power of two >= 16, default 64; ``pallas_tpu``: a multiple of
+      8 / 16 (f32 / bf16) or ``>= T``, default 128): its default config with this chunk, checked by the backend.
+      Any ``T`` works. Not combinable with an explicit ``(name, Config)``.
 
   Returns:
     ``out [B, T, H, E]`` in q's dtype, and the final state ``[B, H, D, E]`` f32 if ``return_final_state``.
@@ -82,16 +106,23 @@ def linear_attention(q, k, v, *, log_decay=None, causal: bool = True, scale: flo
   _validate_qkv(q, k, v, causal)
   B, T, H, D = q.shape
   E = v.shape[-1]
-  log_decay = _validate_log_decay(log_decay, B, T, H, causal, per_token_shape=(B, T, H))
-  initial_state = _validate_state(initial_state, "initial_state", B, H, D, E)
-  scale = _validate_scale(scale, D)
-  if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool)
-                                 or chunk_size < 1):
-    raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-  cfg = LinearConfig(causal=bool(causal), scale=scale, chunk_size=None if chunk_size is None else int(chunk_size))
-  out, state = _dispatch.dispatch("linear_attention", REGISTRY, implementation, _defaults(),
-                                  q, k, v, log_decay, initial_state, cfg)
+  log_decay = validate_log_decay(log_decay, B, T, H, causal, per_token_shape=(B, T, H))
+  initial_state = validate_state(initial_state, "initial_state", B, H, D, E)
+  scale = validate_scale(scale, D)
+  chunk_size = validate_chunk_size(chunk_size)
+  call = make_call(q, k, v, log_decay=log_decay, initial_state=initial_state, causal=causal, scale=scale)
+  implementation = backend_lib.static_implementation(implementation)
+  if chunk_size is not None:
+    implementation = backend_lib.with_config_fields(OP, BACKENDS, DEFAULTS, implementation, call, chunk_size=chunk_size)
+  out, state = _run(q, k, v, log_decay, initial_state, implementation=implementation, call=call)
   return (out, state) if return_final_state else out
+
+
+@functools.partial(jax.jit, static_argnames=("implementation", "call"))
+def _run(q, k, v, log_decay, initial_state, *, implementation, call: LinearCall):
+  # jit here so eager calls compile once per (shapes, call, implementation), not on every call; inlined under an
+  # outer jit.
+  return backend_lib.dispatch(OP, BACKENDS, implementation, DEFAULTS, call, (q, k, v, log_decay, initial_state))
 
 
 def linear_attention_step(q_t, k_t, v_t, state, *, log_decay=None, scale: float | None = None):
@@ -126,10 +157,14 @@ def linear_attention_step(q_t, k_t, v_t, state, *, log_decay=None, scale: float 
   E = v_t.shape[-1]
   if state is None:
     raise ValueError(f"state must be an array [B, H, D, E] = {[B, H, D, E]} (zeros to start), got None")
-  state = _validate_state(state, "state", B, H, D, E)
-  log_decay = _validate_log_decay(log_decay, B, 1, H, True, per_token_shape=(B, H))
-  scale = _validate_scale(scale, D)
-  R = H // k_t.shape[1]
+  state = validate_state(state, "state", B, H, D, E)
+  log_decay = validate_log_decay(log_decay, B, 1, H, True, per_token_shape=(B, H))
+  return _step(q_t, k_t, v_t, state, log_decay, scale=validate_scale(scale, D))
+
+
+@functools.partial(jax.jit, static_argnames=("scale",))
+def _step(q_t, k_t, v_t, state, log_decay, *, scale: float):
+  R = q_t.shape[1] // k_t.shape[1]
   k_h, v_h = jnp.repeat(k_t, R, axis=1), jnp.repeat(v_t, R, axis=1)  # [B, H, D], [B, H, E]
   o, state = reference.recurrent_step(q_t, k_h, v_h, state, log_decay, scale)
   return o.astype(q_t.dtype), state
@@ -139,48 +174,3 @@ def linear_attention_step(q_t, k_t, v_t, state, *, log_decay=None, scale: float 
 def _validate_qkv(q, k, v, causal) -> None:
   validate_qkv(q, k, v, same_length="causal linear attention needs equal lengths (use causal=False for "
                                     "cross-attention)" if causal else None)
-
-
-def _validate_log_decay(log_decay, B, T, H, causal, *, per_token_shape):
-  """Returns None or an f32 array of shape ``[H]`` or ``per_token_shape``, checked ``<= 0`` when concrete."""
-  if log_decay is None:
-    return None
-  log_decay = jnp.asarray(log_decay)
-  if not causal:
-    kind = "per-head" if log_decay.ndim == 1 else "per-token"
-    raise ValueError(f"a decay needs causal=True; got a {kind} log_decay of shape {log_decay.shape} with "
-                     f"causal=False")
-  if not jnp.issubdtype(log_decay.dtype, jnp.floating):
-    raise ValueError(f"log_decay must be a float array, got {log_decay.dtype}")
-  if log_decay.shape not in ((H,), tuple(per_token_shape)):
-    raise ValueError(f"log_decay must have shape [H] = {(H,)} or {list(per_token_shape)} = "
-                     f"{tuple(per_token_shape)}, got {log_decay.shape}")
-  log_decay = log_decay.astype(jnp.float32)
-  if not isinstance(log_decay, jax.core.Tracer):
-    a = np.asarray(log_decay)
-    if np.isnan(a).any():
-      raise ValueError(f"log_decay has {int(np.isnan(a).sum())} NaN values")
-    if (a > 0).any():
-      raise ValueError(f"log_decay must be <= 0 (a decay lambda = exp(g) <= 1), got max {float(a.max())!r} at "
-                       f"index {tuple(int(i) for i in np.unravel_index(np.argmax(a), a.shape))}")
-  return log_decay
-
-
-def _validate_state(state, name, B, H, D, E):
-  if state is None:
-    return None
-  state = jnp.asarray(state)
-  if not jnp.issubdtype(state.dtype, jnp.floating):
-    raise ValueError(f"{name} must be a float array, got {state.dtype}")
-  if state.shape != (B, H, D, E):
-    raise ValueError(f"{name} must have shape [B, H, D, E] = {(B, H, D, E)}, got {state.shape}")
-  return state.astype(jnp.float32)
-
-
-def _validate_scale(scale, D) -> float:
-  if scale is None:
-    return float(D) ** -0.5
-  if not isinstance(scale, (int, float, np.floating, np.integer)) or isinstance(scale, bool) or not np.isfinite(
-      scale):
-    raise ValueError(f"scale must be a finite Python float, got {scale!r}")
-  return float(scale)

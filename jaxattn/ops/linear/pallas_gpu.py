@@ -1,75 +1,87 @@
 """``implementation="pallas_gpu"``: chunked linear attention with Pallas kernels (Triton lowering) on GPUs.
 
-Three kernels from :mod:`pallas_kernels.linear.gpu`, joined by a ``custom_vjp``
-(:mod:`jaxattn.ops.linear._pallas_vjp`): a forward sweep over the chunks carrying the f32 state in registers
-(outputs and final state), a dq kernel (forward-like sweep recomputing the state) and a dk/dv kernel (reverse sweep
-carrying the state cotangent, which also yields the initial-state gradient). The log-decay gradient is a small
-XLA epilogue over per-token terms the kernels emit (exact identity, see ``_pallas_vjp``).
+Three kernels from :mod:`pallas_kernels.linear.gpu`, joined by :func:`jaxattn.backend.flash_vjp` through the shared
+``fwd`` / ``bwd`` of :mod:`jaxattn.ops.linear.pallas_common`: a forward sweep over the chunks carrying the f32 state
+in registers (outputs and final state), a dq kernel (forward-like sweep recomputing the state) and a dk/dv kernel
+(reverse sweep carrying the state cotangent, which also yields the initial-state gradient). The log-decay gradient
+is a small XLA epilogue over per-token terms the kernels emit (exact identity, see ``pallas_common``).
 
 Supports: causal linear attention with no decay, a per-head constant ``[H]`` or a per-token gate ``[B, T, H]``
 (``-inf`` = reset), initial and final states, GQA/MQA (K/V read through the index maps, never repeated; the
 per-query-head dk/dv are summed after the kernel), any ``T`` (zero-padded to whole chunks), head dims up to 256
-(zero-padded to powers of two), f32/bf16/f16. Refuses with ``NotImplementedError`` (the dispatcher then falls back
-to ``"xla"``): ``causal=False`` (two matmuls in XLA, no kernel needed), a ``chunk_size`` that is not a power of two
->= 16, head dims above 256, platforms other than GPU and CPU. On a CPU backend it runs in Pallas interpret mode
-(slow: for tests and users without a GPU); ``implementation=None`` never picks it there.
+(zero-padded to powers of two), f32/bf16/f16. ``supports`` refuses (the dispatcher then falls back to ``"xla"``):
+``causal=False`` (two matmuls in XLA, no kernel needed), head dims above 256, platforms other than GPU and CPU. On a
+CPU backend it runs in Pallas interpret mode (slow: for tests and users without a GPU); ``implementation=None`` never
+picks it there.
 
-Chunk: ``chunk_size`` (default 64, clamped to ``max(16, next_pow2(T))``). Tiles: the forward and dk/dv kernels tile
-the value dim by 64 (state tile ``[Dp, 64]``, more programs per head), the dq kernel the key dim by 64.
+Config: :class:`~jaxattn.ops.linear.config.PallasGpuConfig` (chunk 64 by default, clamped to
+``max(16, next_pow2(T))``; the forward and dk/dv kernels tile the value dim by 64, the dq kernel the key dim by 64;
+every size a power of two >= 16, ``ValueError`` otherwise).
 """
 
 from __future__ import annotations
 
-import dataclasses
-
-from jaxattn import _dispatch
-from jaxattn.ops.linear._pallas_vjp import Kernels, linear_attention_kernels
-from jaxattn.ops.linear.config import LinearConfig
+from jaxattn.ops.linear.config import LinearCall, PallasGpuConfig
+from jaxattn.ops.linear.pallas_common import PallasLinearBackend
+from jaxattn.backend import config_error
+from pallas_kernels.common import is_pow2
 from pallas_kernels.linear import gpu
 
-__all__ = ["linear_attention_pallas_gpu", "block_sizes"]
+__all__ = ["PallasGpuBackend", "BACKEND", "block_sizes"]
+
+_TILES = ("chunk_size", "block_e", "block_d_dq", "block_e_dkv")
+_NUM_WARPS = (1, 2, 4, 8, 16)
 
 
-@dataclasses.dataclass(frozen=True)
-class GpuKernels(Kernels):
-  """The Triton kernels with their resolved block sizes."""
-
-  blocks: gpu.BlockSizes = gpu.BlockSizes()
-  interpret: bool = False
-
-  def fwd(self, q, k, v, log_decay, initial_state):
-    return gpu.linear_fwd(q, k, v, log_decay, initial_state, scale=self.scale, blocks=self.blocks,
-                          interpret=self.interpret)
-
-  def dq(self, q, k, v, log_decay, initial_state, do, log_decay_grad):
-    return gpu.linear_bwd_dq(q, k, v, log_decay, initial_state, do, scale=self.scale, blocks=self.blocks,
-                             interpret=self.interpret, log_decay_grad=log_decay_grad)
-
-  def dkv(self, q, k, v, log_decay, do, d_final_state, log_decay_grad):
-    return gpu.linear_bwd_dkv(q, k, v, log_decay, do, d_final_state, scale=self.scale, blocks=self.blocks,
-                              interpret=self.interpret, log_decay_grad=log_decay_grad)
+def block_sizes(call: LinearCall, config: PallasGpuConfig) -> gpu.BlockSizes:
+  """The kernels' resolved block sizes for ``call`` (every tile filled in, clamped to the problem)."""
+  return gpu.BlockSizes(chunk=config.chunk_size, block_e=config.block_e, block_d_dq=config.block_d_dq,
+                        block_e_dkv=config.block_e_dkv, num_warps=config.num_warps,
+                        num_stages=config.num_stages).resolve(call.T, call.D, call.E)
 
 
-def block_sizes(T: int, D: int, E: int, chunk_size: int | None = None) -> gpu.BlockSizes:
-  """The resolved kernel block sizes for a call (``NotImplementedError`` for a chunk the kernels cannot run)."""
-  try:
-    return gpu.BlockSizes(chunk=chunk_size or gpu.DEFAULT_CHUNK).resolve(T, D, E)
-  except ValueError as e:
-    raise NotImplementedError(f"pallas_gpu cannot use chunk_size={chunk_size}: {e}") from None
+class PallasGpuBackend(PallasLinearBackend):
+  """The Triton-lowered chunk kernels (interpret mode on CPU)."""
+
+  name = "pallas_gpu"
+  Config = PallasGpuConfig
+  kernel_platform = "gpu"
+
+  def supports(self, call: LinearCall) -> str | None:
+    reason = self.platform_reason(call)
+    if reason is None and max(call.D, call.E) > gpu.MAX_HEAD_DIM:
+      reason = f"pallas_gpu supports head dims up to {gpu.MAX_HEAD_DIM}, got D={call.D}, E={call.E}"
+    return reason
+
+  def default_config(self, call: LinearCall) -> PallasGpuConfig:
+    return PallasGpuConfig(chunk_size=gpu.DEFAULT_CHUNK)
+
+  def validate_config(self, call: LinearCall, config: PallasGpuConfig) -> None:
+    owner = f"{self.name}: {type(config).__name__}"
+    for field in _TILES:
+      value = getattr(config, field)
+      if value is None and field != "chunk_size":
+        continue
+      if not isinstance(value, int) or isinstance(value, bool) or value < 16 or not is_pow2(value):
+        raise config_error(owner, field, value, "must be a power of two >= 16 (a Triton tile)")
+    if config.num_warps not in _NUM_WARPS:
+      raise config_error(owner, "num_warps", config.num_warps, f"must be one of {_NUM_WARPS}")
+    if not isinstance(config.num_stages, int) or isinstance(config.num_stages, bool) or not 1 <= config.num_stages <= 8:
+      raise config_error(owner, "num_stages", config.num_stages, "must be an int in [1, 8]")
+
+  def _kw(self, call, config):
+    return dict(scale=call.scale, blocks=block_sizes(call, config), interpret=self.interpret())
+
+  def kernel_fwd(self, call, config, q, k, v, log_decay, initial_state):
+    return gpu.linear_fwd(q, k, v, log_decay, initial_state, **self._kw(call, config))
+
+  def kernel_dq(self, call, config, q, k, v, log_decay, initial_state, do, log_decay_grad):
+    return gpu.linear_bwd_dq(q, k, v, log_decay, initial_state, do, log_decay_grad=log_decay_grad,
+                             **self._kw(call, config))
+
+  def kernel_dkv(self, call, config, q, k, v, log_decay, do, d_final_state, log_decay_grad):
+    return gpu.linear_bwd_dkv(q, k, v, log_decay, do, d_final_state, log_decay_grad=log_decay_grad,
+                              **self._kw(call, config))
 
 
-def linear_attention_pallas_gpu(q, k, v, log_decay, initial_state, cfg: LinearConfig):
-  """Pallas GPU kernels (interpret mode on CPU). Same arguments and results as the reference.
-
-  Raises:
-    NotImplementedError: see the module docstring.
-  """
-  if not cfg.causal:
-    raise NotImplementedError("pallas_gpu has no kernel for causal=False (the xla path is two matmuls)")
-  interpret = _dispatch.pallas_interpret("pallas_gpu")
-  D, E = q.shape[-1], v.shape[-1]
-  if max(D, E) > gpu.MAX_HEAD_DIM:
-    raise NotImplementedError(f"pallas_gpu supports head dims up to {gpu.MAX_HEAD_DIM}, got D={D}, E={E}")
-  kernels = GpuKernels(scale=cfg.scale, blocks=block_sizes(q.shape[1], D, E, cfg.chunk_size),
-                       interpret=interpret)
-  return linear_attention_kernels(q, k, v, log_decay, initial_state, kernels)
+BACKEND = PallasGpuBackend()

@@ -1,84 +1,92 @@
 """``implementation="pallas_tpu"``: chunked linear attention with Pallas Mosaic kernels on TPUs, plus its FLOP /
 HBM-byte counts and a TPU roofline estimate.
 
-Three kernels from :mod:`pallas_kernels.linear.tpu`, joined by a ``custom_vjp``
-(:mod:`jaxattn.ops.linear._pallas_vjp`): forward (grid ``(B, H, chunks)``, the f32 state in VMEM scratch, the
-chunk axis "arbitrary"), dq (the same forward sweep recomputing the state) and dk/dv (reverse sweep with the state
-cotangent, grid ``(B, G, chunks, H // G)``: the query heads of a kv head are summed in-kernel). The log-decay
-gradient is a small XLA epilogue over per-token terms the kernels emit (exact identity, see ``_pallas_vjp``).
+Three kernels from :mod:`pallas_kernels.linear.tpu`, joined by :func:`jaxattn.backend.flash_vjp` through the shared
+``fwd`` / ``bwd`` of :mod:`jaxattn.ops.linear.pallas_common`: forward (grid ``(B, H, chunks)``, the f32 state in
+VMEM scratch, the chunk axis "arbitrary"), dq (the same forward sweep recomputing the state) and dk/dv (reverse sweep
+with the state cotangent, grid ``(B, G, chunks, H // G)``: the query heads of a kv head are summed in-kernel). The
+log-decay gradient is a small XLA epilogue over per-token terms the kernels emit (exact identity, see
+``pallas_common``).
 
 Supports: causal linear attention with no decay, a per-head constant ``[H]`` or a per-token gate ``[B, T, H]``
 (``-inf`` = reset), initial and final states, GQA/MQA (K/V through the index maps, never repeated), any ``T``
 (zero-padded to whole chunks), any head dims (multiples of 128 are read in place, others through one transpose),
-f32 and bf16. Refuses with ``NotImplementedError`` (the dispatcher then falls back to ``"xla"``): ``causal=False``
-(two matmuls in XLA), float16 inputs (no f16 MXU path), a ``chunk_size`` that breaks the TPU tiling rule (not a
-multiple of 8 for f32 / 16 for bf16 while ``T`` spans several chunks), platforms other than TPU and CPU. On a CPU
-backend the kernels run in Pallas TPU interpret mode (slow: for tests and users without the hardware);
-``implementation=None`` never picks it there. Default chunk: 128 (or ``T`` rounded up to the sublane multiple).
+f32 and bf16. ``supports`` refuses (the dispatcher then falls back to ``"xla"``): ``causal=False`` (two matmuls in
+XLA), float16 inputs (no f16 MXU path), platforms other than TPU and CPU. On a CPU backend the kernels run in Pallas
+TPU interpret mode (slow: for tests and users without the hardware); ``implementation=None`` never picks it there.
+
+Config: :class:`~jaxattn.ops.linear.config.PallasTpuConfig` (default chunk 128, or ``T`` rounded up to the sublane
+multiple; a chunk that breaks the TPU tiling rule, i.e. not a multiple of 8 for f32 / 16 for bf16 while ``T`` spans
+several chunks, raises ``ValueError``).
 
 No TPU timing of these kernels exists; :func:`kernel_cost` gives the roofline estimate.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
 import jax.numpy as jnp
 
-from jaxattn import _dispatch
-from jaxattn.ops.linear._pallas_vjp import Kernels, linear_attention_kernels
-from jaxattn.ops.linear.config import LinearConfig
-from jaxattn.ops.softmax.pallas_tpu import TPU_SPECS
+from jaxattn.ops.linear.config import LinearCall, PallasTpuConfig, check_positive_int
+from jaxattn.ops.linear.pallas_common import PallasLinearBackend
+from jaxattn.backend import config_error
+from pallas_kernels.common import TPU_SPECS
 from pallas_kernels.linear import tpu
 
-__all__ = ["linear_attention_pallas_tpu", "chunk_for", "kernel_cost", "TPU_SPECS"]
-
-
-@dataclasses.dataclass(frozen=True)
-class TpuKernels(Kernels):
-  """The Mosaic kernels with their chunk and interpret mode."""
-
-  chunk: int = tpu.DEFAULT_CHUNK
-  interpret: Any = False  # False on TPU, pltpu.InterpretParams() on CPU
-
-  def fwd(self, q, k, v, log_decay, initial_state):
-    return tpu.linear_fwd(q, k, v, log_decay, initial_state, scale=self.scale, chunk=self.chunk,
-                          interpret=self.interpret)
-
-  def dq(self, q, k, v, log_decay, initial_state, do, log_decay_grad):
-    return tpu.linear_bwd_dq(q, k, v, log_decay, initial_state, do, scale=self.scale, chunk=self.chunk,
-                             interpret=self.interpret, log_decay_grad=log_decay_grad)
-
-  def dkv(self, q, k, v, log_decay, do, d_final_state, log_decay_grad):
-    return tpu.linear_bwd_dkv(q, k, v, log_decay, do, d_final_state, scale=self.scale, chunk=self.chunk,
-                              interpret=self.interpret, log_decay_grad=log_decay_grad)
+__all__ = ["PallasTpuBackend", "BACKEND", "chunk_for", "kernel_cost"]
 
 
 def chunk_for(T: int, dtype, chunk_size: int | None = None) -> int:
-  """The chunk the kernels run with (``NotImplementedError`` for one that breaks the tiling rule)."""
+  """The chunk the kernels run with: ``chunk_size``, or the default for ``T`` and ``dtype``.
+
+  Raises:
+    ValueError: for a chunk that breaks the TPU tiling rule (not a multiple of the sublane multiple of ``dtype``
+      while shorter than ``T``).
+  """
   if chunk_size is None:
     return tpu.default_chunk(T, dtype)
   m = tpu.sublane_multiple(dtype)
   if chunk_size < T and chunk_size % m:
-    raise NotImplementedError(f"pallas_tpu needs chunk_size to be a multiple of {m} for {jnp.dtype(dtype).name} "
-                              f"(the TPU tiling rule) or to cover T={T}, got {chunk_size}")
+    raise config_error("pallas_tpu: PallasTpuConfig", "chunk_size", chunk_size,
+                       f"must be a multiple of {m} for {jnp.dtype(dtype).name} (the TPU tiling rule) or cover T={T}")
   return int(chunk_size)
 
 
-def linear_attention_pallas_tpu(q, k, v, log_decay, initial_state, cfg: LinearConfig):
-  """Pallas TPU kernels (TPU interpret mode on CPU). Same arguments and results as the reference.
+class PallasTpuBackend(PallasLinearBackend):
+  """The Mosaic chunk kernels (TPU interpret mode on CPU)."""
 
-  Raises:
-    NotImplementedError: see the module docstring.
-  """
-  if not cfg.causal:
-    raise NotImplementedError("pallas_tpu has no kernel for causal=False (the xla path is two matmuls)")
-  interpret = _dispatch.pallas_interpret("pallas_tpu")
-  if q.dtype == jnp.float16:
-    raise NotImplementedError("pallas_tpu takes float32 or bfloat16 inputs, not float16")
-  kernels = TpuKernels(scale=cfg.scale, chunk=chunk_for(q.shape[1], q.dtype, cfg.chunk_size), interpret=interpret)
-  return linear_attention_kernels(q, k, v, log_decay, initial_state, kernels)
+  name = "pallas_tpu"
+  Config = PallasTpuConfig
+  kernel_platform = "tpu"
+
+  def supports(self, call: LinearCall) -> str | None:
+    reason = self.platform_reason(call)
+    if reason is None and call.dtype == "float16":
+      reason = "pallas_tpu takes float32 or bfloat16 inputs, not float16"
+    return reason
+
+  def default_config(self, call: LinearCall) -> PallasTpuConfig:
+    return PallasTpuConfig(chunk_size=tpu.default_chunk(call.T, call.dtype))
+
+  def validate_config(self, call: LinearCall, config: PallasTpuConfig) -> None:
+    check_positive_int(f"{self.name}: {type(config).__name__}", "chunk_size", config.chunk_size)
+    chunk_for(call.T, call.dtype, config.chunk_size)
+
+  def _kw(self, call, config):
+    return dict(scale=call.scale, chunk=config.chunk_size, interpret=self.interpret())
+
+  def kernel_fwd(self, call, config, q, k, v, log_decay, initial_state):
+    return tpu.linear_fwd(q, k, v, log_decay, initial_state, **self._kw(call, config))
+
+  def kernel_dq(self, call, config, q, k, v, log_decay, initial_state, do, log_decay_grad):
+    return tpu.linear_bwd_dq(q, k, v, log_decay, initial_state, do, log_decay_grad=log_decay_grad,
+                             **self._kw(call, config))
+
+  def kernel_dkv(self, call, config, q, k, v, log_decay, do, d_final_state, log_decay_grad):
+    return tpu.linear_bwd_dkv(q, k, v, log_decay, do, d_final_state, log_decay_grad=log_decay_grad,
+                              **self._kw(call, config))
+
+
+BACKEND = PallasTpuBackend()
 
 
 # =================================================================================================== cost model

@@ -8,17 +8,20 @@ against.
   matrices and subtracts cumulative sums, so it is neither memory-lean nor accurate for very long sequences.
 
 Both take the arguments ``linear_attention`` validated and canonicalised: ``log_decay`` None, f32 ``[H]`` or f32
-``[B, T, H]``; ``initial_state`` None or f32 ``[B, H, D, E]``; and a :class:`LinearConfig`. Both return
+``[B, T, H]``; ``initial_state`` None or f32 ``[B, H, D, E]``; and the call
+(:class:`~jaxattn.ops.linear.config.LinearCall`: its ``causal`` and ``scale``). Both return
 ``(out [B, T, H, E] in q's dtype, final_state [B, H, D, E] f32)``.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
 from jaxattn._vma import match_vma
-from jaxattn.ops.linear.config import LOG_DECAY_FLOOR, LinearConfig
+from jaxattn.backend import Backend
+from jaxattn.ops.linear.config import FINITE_LOG_DECAY_FLOOR, LinearCall, LinearResiduals
 
 _HI = lax.Precision.HIGHEST
 
@@ -47,20 +50,22 @@ def recurrent_step(q_t, k_t, v_t, state, log_decay_t, scale: float):
   """
   kv = jnp.einsum("bhd,bhe->bhde", k_t.astype(jnp.float32), v_t.astype(jnp.float32), precision=_HI)
   if log_decay_t is not None:
-    state = jnp.exp(jnp.maximum(log_decay_t, LOG_DECAY_FLOOR))[..., None, None] * state
+    decay = jnp.exp(jnp.maximum(log_decay_t, FINITE_LOG_DECAY_FLOOR))[..., None, None]
+    # A decay of exactly 0 (a reset, g = -inf) clears the state even when it holds NaN / inf (0 * NaN = NaN).
+    state = jnp.where(decay == 0, 0.0, decay * state)
   state = state + kv
   o = jnp.einsum("bhd,bhde->bhe", q_t.astype(jnp.float32), state, precision=_HI) * scale
   return o, state
 
 
-def linear_attention_reference(q, k, v, log_decay, initial_state, cfg: LinearConfig):
+def linear_attention_reference(q, k, v, log_decay, initial_state, cfg: LinearCall):
   """The recurrent definition: a ``lax.scan`` over time with an f32 state (see :func:`recurrent_step`).
 
   Args:
     q: ``[B, T, H, D]``; k: ``[B, S, G, D]``; v: ``[B, S, G, E]`` (``S == T`` when causal).
     log_decay: None, f32 ``[H]`` or f32 ``[B, T, H]`` (causal only).
     initial_state: None or f32 ``[B, H, D, E]``.
-    cfg: the validated static configuration.
+    cfg: the call (its ``causal`` and ``scale``).
 
   Returns:
     ``out [B, T, H, E]`` in q's dtype and the final state ``[B, H, D, E]`` f32.
@@ -96,7 +101,7 @@ def linear_attention_reference(q, k, v, log_decay, initial_state, cfg: LinearCon
   return out.transpose(1, 0, 2, 3).astype(q.dtype), state
 
 
-def linear_attention_parallel(q, k, v, log_decay, initial_state, cfg: LinearConfig):
+def linear_attention_parallel(q, k, v, log_decay, initial_state, cfg: LinearCall):
   r"""The quadratic masked form with the decay matrix (a second, independent reference; tests only).
 
   .. math::
@@ -126,11 +131,11 @@ def linear_attention_parallel(q, k, v, log_decay, initial_state, cfg: LinearConf
     log_m = jnp.zeros((1, 1, T, T), jnp.float32)
     G = jnp.zeros((1, T, 1), jnp.float32)  # [B|1, T, H|1]
   elif log_decay.ndim == 1:
-    a = jnp.maximum(log_decay, LOG_DECAY_FLOOR)  # [H]
+    a = jnp.maximum(log_decay, FINITE_LOG_DECAY_FLOOR)  # [H]
     log_m = a[None, :, None, None] * (t[:, None] - t[None, :]).astype(jnp.float32)  # [1, H, T, S]
     G = a[None, None, :] * (t + 1).astype(jnp.float32)[None, :, None]  # [1, T, H]
   else:
-    G = jnp.cumsum(jnp.maximum(log_decay, LOG_DECAY_FLOOR), axis=1)  # [B, T, H]
+    G = jnp.cumsum(jnp.maximum(log_decay, FINITE_LOG_DECAY_FLOOR), axis=1)  # [B, T, H]
     log_m = (G[:, :, None, :] - G[:, None, :, :]).transpose(0, 3, 1, 2)  # [B, H, T, S]
   m = jnp.exp(jnp.where(causal, log_m, -jnp.inf))  # [B|1, H|1, T, S], never exp of a positive number
   w = scores * m
@@ -141,3 +146,33 @@ def linear_attention_parallel(q, k, v, log_decay, initial_state, cfg: LinearConf
   state = jnp.exp(G[:, -1, :])[..., None, None] * state0 + jnp.einsum(
       "bhs,bshd,bshe->bhde", jnp.broadcast_to(last, (B, H, S)), kf, vf, precision=_HI)
   return (out * cfg.scale).astype(q.dtype), state
+
+
+class ReferenceBackend(Backend):
+  """The recurrence (:func:`linear_attention_reference`); its gradient is ``jax.vjp`` of the recurrence."""
+
+  name = "reference"
+  autodiff = True
+
+  def fwd(self, call: LinearCall, config, args):
+    out, state = linear_attention_reference(*args, call)
+    return (out, state), LinearResiduals(*args, state)
+
+  def bwd(self, call: LinearCall, config, residuals: LinearResiduals, cotangents, needs):
+    q, k, v, log_decay, initial_state = residuals[:5]
+    present = tuple(i for i, x in enumerate((q, k, v, log_decay, initial_state)) if x is not None)
+
+    def f(*xs):
+      full = [q, k, v, log_decay, initial_state]
+      for i, x in zip(present, xs):
+        full[i] = x
+      return linear_attention_reference(*full, call)
+
+    _, vjp = jax.vjp(f, *(residuals[i] for i in present))
+    grads = [None] * 5
+    for i, g in zip(present, vjp(tuple(cotangents))):
+      grads[i] = g
+    return tuple(grads)
+
+
+BACKEND = ReferenceBackend()

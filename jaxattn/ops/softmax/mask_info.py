@@ -64,7 +64,7 @@ def mask_info(mask: Mask | None, T: int, S: int, block_q: int, block_k: int) -> 
   tile_ids: dict[bytes, int] = {}
   tile_of = np.zeros((nq, nk), np.int32)
   for qb, kb in zip(*np.nonzero((layout != EMPTY) & (layout != FULL))):
-    t = np.ascontiguousarray(eff._tile(qb * block_q, qb * block_q + block_q, kb * block_k, kb * block_k + block_k))
+    t = np.ascontiguousarray(eff.dense_tile(qb * block_q, qb * block_q + block_q, kb * block_k, kb * block_k + block_k))
     key = np.packbits(t).tobytes()
     if key not in tile_ids:
       tile_ids[key] = len(tiles)

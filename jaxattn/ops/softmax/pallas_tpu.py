@@ -1,202 +1,175 @@
-"""``implementation="pallas_tpu"``: the Mosaic TPU flash-attention kernels (``pallas_kernels.softmax.tpu``) under a
-``custom_vjp``, plus their FLOP / HBM-byte counts and a TPU roofline estimate.
+"""``implementation="pallas_tpu"``: the Mosaic TPU flash-attention kernels (``pallas_kernels.softmax.tpu``) as a
+softmax backend, plus their FLOP / HBM-byte counts and a TPU roofline estimate.
 
 The static mask is compiled at trace time by :func:`~jaxattn.ops.softmax.mask_info.mask_info` into per-block
 visiting lists (scalar-prefetched) and deduplicated partial-block tiles; the forward, dq and dk/dv kernels visit only
-the non-empty blocks. Supports masks, segment ids, GQA/MQA (no K/V repeat), soft cap, lse output and its gradient.
-Not supported (``NotImplementedError``): ``bias``; platforms other than TPU and CPU. On a CPU backend the kernels run
-in Pallas TPU interpret mode (slow: for tests and users without the hardware); ``implementation=None`` never picks
-this on CPU.
+the non-empty blocks (``fwd`` puts the three plans into ``SoftmaxResiduals.extra``; ``bwd`` runs the dq and dk/dv
+kernels on them). Supports masks, segment ids, GQA/MQA (no K/V repeat), soft cap, lse output and its gradient.
+Refuses (``supports``): ``bias``; platforms other than TPU and CPU. On a CPU backend the kernels run in Pallas TPU
+interpret mode (slow: for tests and users without the hardware); ``implementation=None`` never picks this on CPU.
 
-Block sizes: ``cfg.block_sizes`` (:class:`jaxattn.ops.softmax.config.BlockSizes`) converted to the kernel's
-:class:`pallas_kernels.softmax.tpu.BlockSizes` (default 512 x 512 for all three kernels), clamped to T / S and
-checked against the TPU (8, 128) tiling rule (``ValueError`` otherwise, also in interpret mode).
+Config: :class:`~jaxattn.ops.softmax.config.PallasTpuConfig` (default 512 x 512 for all three kernels, clamped to
+T / S; the tiles must obey the TPU (8, 128) tiling rule, ``ValueError`` otherwise, also in interpret mode;
+``vmem_limit_bytes`` for Mosaic).
 
-The ``custom_vjp`` takes the visiting lists as (integer, non-differentiable) array inputs: the static-mask path
-passes the ``mask_info`` lists (``[1, 1, ...]``, one tile per kernel); ``block_sparse_attention`` passes
-data-dependent per-(batch, query head) lists built on device (:func:`block_sparse_static`,
-:func:`block_sparse_attention_lists`; one tile for all three kernels, so ``block_q`` must be a multiple of 128 or
-cover T: it is a lane dim of the dk/dv kernel).
+``block_sparse_attention`` reuses :func:`kernel_forward` / :func:`kernel_backward` with data-dependent
+per-(batch, query head) lists built on device (one tile for all three kernels, so ``block_q`` must be a multiple of
+128 or cover T: it is a lane dim of the dk/dv kernel).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn import _dispatch
+from jaxattn import backend as backend_lib
+from jaxattn.backend import Backend
 from jaxattn.masks import Mask
-from jaxattn.ops.softmax.config import AttentionConfig
-from jaxattn.ops.softmax.config import BlockSizes as _UserBlockSizes
+from jaxattn.ops.softmax.config import (BlockSizes, PallasTpuConfig, SoftmaxCall, SoftmaxResiduals, config_error,
+                                        dense_only_reason)
 from jaxattn.ops.softmax.mask_info import MaskInfo, mask_info
+from pallas_kernels.common import TPU_SPECS
 from pallas_kernels.softmax import tpu as kernels
 
-__all__ = ["softmax_attention_pallas_tpu", "block_sparse_static", "block_sparse_attention_lists", "block_sizes",
-           "kernel_cost", "TPU_SPECS"]
+__all__ = ["BACKEND", "PallasTpuBackend", "resolve_tiles", "kernel_forward", "kernel_backward", "kernel_cost",
+           "TPU_SPECS"]
 
 
-def block_sizes(cfg_blocks: _UserBlockSizes | None, T: int, S: int) -> kernels.BlockSizes:
-  """The resolved (clamped, tiling-checked) kernel block sizes for a call."""
-  if cfg_blocks is None:
-    kb = kernels.BlockSizes.default()
-  else:
-    kb = kernels.BlockSizes(**{f.name: getattr(cfg_blocks, f.name) for f in dataclasses.fields(_UserBlockSizes)})
-  return kb.resolve(T, S)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Static:
-  cfg: AttentionConfig
-  blocks: kernels.BlockSizes  # resolved
-  interpret: Any  # False on TPU, pltpu.InterpretParams() on CPU
-
-
-def softmax_attention_pallas_tpu(q, k, v, bias, q_ids, kv_ids, cfg: AttentionConfig):
-  """Masked softmax attention with the Pallas TPU kernels (see the module docstring).
-
-  Args:
-    q: ``[B, T, H, D]``; k: ``[B, S, G, D]``; v: ``[B, S, G, E]``.
-    bias: must be None.
-    q_ids, kv_ids: None or int ``[B, T]`` / ``[B, S]`` segment ids.
-    cfg: the validated static configuration.
-
-  Returns:
-    ``out [B, T, H, E]`` in q's dtype and ``lse [B, H, T]`` f32 (None when ``cfg.return_lse`` is False: the
-    forward then skips writing it).
+def resolve_tiles(config: BlockSizes, T: int, S: int, owner: str | None = None) -> PallasTpuConfig:
+  """``config`` with all six tiles filled in (backward ``None`` = forward), clamped to T / S and checked against the
+  TPU (8, 128) rule.
 
   Raises:
-    NotImplementedError: bias given, or the backend is neither TPU nor CPU.
-    ValueError: block sizes that break the TPU tiling rule.
+    ValueError: ``"<owner>.<field>=<value> breaks the TPU (8, 128) tiling rule: ..."``.
   """
-  if bias is not None:
-    raise NotImplementedError("pallas_tpu does not support bias")
-  interpret = _dispatch.pallas_interpret("pallas_tpu")
-  st = _Static(cfg, block_sizes(cfg.block_sizes, cfg.T, cfg.S), interpret)
-  return _attention(q, k, v, q_ids, kv_ids, st)
+  owner = owner or f"pallas_tpu: {type(config).__name__}"
+  (bq, bk), (bq_dq, bk_dq), (bq_dkv, bk_dkv) = config.fwd, config.dq, config.dkv
+  vals = dict(block_q=bq, block_k=bk, block_q_dq=bq_dq, block_k_dq=bk_dq, block_q_dkv=bq_dkv, block_k_dkv=bk_dkv)
+  lengths = {"T": T, "S": S}
+  out = {name: kernels.check_block(vals[name], lengths[axis], role, f"{owner}.{name}", axis, what)
+         for name, axis, role, what in kernels.TILE_ROLES}
+  vmem = getattr(config, "vmem_limit_bytes", None)
+  if vmem is not None and (not isinstance(vmem, (int, np.integer)) or isinstance(vmem, bool) or vmem < 1):
+    raise config_error(owner, "vmem_limit_bytes", vmem, "must be None or a positive int")
+  return PallasTpuConfig(**out, vmem_limit_bytes=vmem)
 
 
+class Plan(NamedTuple):
+  """One kernel's visiting lists and tiles (int arrays or None)."""
 
-# ------------------------------------------------------------------------------------------ dynamic block lists
-def block_sparse_static(q, k, v, block_q: int, block_k: int, scale: float) -> _Static:
-  """The static part of a ``block_sparse_attention`` call: the lists' tile for all three kernels.
-
-  ``st.blocks.fwd`` is the tile clamped to ``(T, S)`` (same number of blocks): build the lists and tiles at it.
-
-  Raises:
-    NotImplementedError: a platform other than TPU / CPU, or list block sizes that break the (8, 128) tiling rule
-      in one of the kernels (``block_k``: multiple of 128 unless it covers S; ``block_q``: multiple of 128 unless
-      it covers T, as the dk/dv kernel's lane dim), so the caller falls back to another implementation.
-  """
-  interpret = _dispatch.pallas_interpret("pallas_tpu")
-  T, S = q.shape[1], k.shape[1]
-  try:
-    blocks = kernels.BlockSizes(block_q, block_k, block_q, block_k, block_q, block_k).resolve(T, S)
-  except ValueError as e:
-    raise NotImplementedError(f"pallas_tpu cannot run lists of {block_q} x {block_k} blocks: {e}") from None
-  return _Static(AttentionConfig(T=T, S=S, scale=float(scale)), blocks, interpret)
+  lists: kernels.VisitLists
+  tiles: Any  # [U, bq, bk] or None
 
 
-def block_sparse_attention_lists(q, k, v, lists, lists_t, tiles, st: _Static):
-  """Attention over data-dependent visiting lists (the ``block_sparse_attention`` path), differentiable in q, k, v.
+class Plans(NamedTuple):
+  """The forward, dq and (transposed) dk/dv plans: ``SoftmaxResiduals.extra`` of this backend."""
 
-  Args:
-    q, k, v: as in ``softmax_attention``.
-    lists: ``(index, count, tile)`` int32 ``[B, H, nQ, K]``, ``[B, H, nQ]``, ``[B, H, nQ, K]``: per query block the
-      distinct kv blocks to visit (sorted, padded by repeating the last valid one), their count and tile ids.
-    lists_t: the transpose ``(index, count, tile)`` over the kv blocks: ``[B, H, nK, nQ]``, ``[B, H, nK]``, ...
-    tiles: ``[U, bq, bk]`` partial-block patterns the tile ids index (at ``st.blocks.fwd``), or None when every id
-      is 0.
-    st: from :func:`block_sparse_static`.
-
-  Returns:
-    ``out [B, T, H, E]`` and None (no lse).
-  """
-  tiles = None if tiles is None else jnp.asarray(tiles)
-  fwd = _Plan(kernels.VisitLists(*lists), tiles)
-  return _attention_lists(q, k, v, None, None, (fwd, fwd, _Plan(kernels.VisitLists(*lists_t), tiles)), st)
+  fwd: Plan
+  dq: Plan
+  dkv: Plan
 
 
-# -------------------------------------------------------------------------------------------------- custom_vjp
 def _lists(info: MaskInfo, transpose: bool = False):
   if transpose:
     return kernels.VisitLists(info.q_index[None, None], info.q_count[None, None], info.q_tile[None, None])
   return kernels.VisitLists(info.kv_index[None, None], info.kv_count[None, None], info.kv_tile[None, None])
 
 
-class _Plan(NamedTuple):
-  """One kernel's visiting lists and tiles (int arrays or None: non-differentiable ``custom_vjp`` inputs)."""
-
-  lists: kernels.VisitLists
-  tiles: Any  # [U, bq, bk] or None
-
-
-def _static_plans(st: _Static) -> tuple[_Plan, _Plan, _Plan]:
-  """The static mask's forward, dq and (transposed) dk/dv lists, each at its kernel's tile."""
-  cfg = st.cfg
+def static_plans(call: SoftmaxCall, tiles: PallasTpuConfig) -> Plans:
+  """The static mask's forward, dq and (transposed) dk/dv lists, each at its kernel's (resolved) tile."""
   plans = []
-  for (bq, bk), transpose in ((st.blocks.fwd, False), (st.blocks.dq, False), (st.blocks.dkv, True)):
-    info = mask_info(cfg.mask, cfg.T, cfg.S, bq, bk)
-    plans.append(_Plan(jax.tree.map(jnp.asarray, _lists(info, transpose)),
-                       jnp.asarray(info.tiles) if info.has_partial else None))
-  return tuple(plans)
+  for (bq, bk), transpose in ((tiles.fwd, False), (tiles.dq, False), (tiles.dkv, True)):
+    info = mask_info(call.mask, call.T, call.S, bq, bk)
+    plans.append(Plan(jax.tree.map(jnp.asarray, _lists(info, transpose)),
+                      jnp.asarray(info.tiles) if info.has_partial else None))
+  return Plans(*plans)
 
 
-def _forward(q, k, v, q_ids, kv_ids, plan: _Plan, st: _Static, return_lse: bool):
-  cfg = st.cfg
-  bq, bk = st.blocks.fwd
+def kernel_forward(q, k, v, q_ids, kv_ids, plan: Plan, tiles: PallasTpuConfig, *, scale: float,
+                   soft_cap: float | None):
+  """``(out, lse)`` of the forward kernel over ``plan`` at the resolved ``tiles``' forward tile."""
+  bq, bk = tiles.fwd
   return kernels.flash_attention_fwd(
-      q, k, v, plan.lists, plan.tiles, q_segment_ids=q_ids, kv_segment_ids=kv_ids, scale=cfg.scale,
-      soft_cap=cfg.logits_soft_cap, block_q=bq, block_k=bk, return_lse=return_lse, interpret=st.interpret)
+      q, k, v, plan.lists, plan.tiles, q_segment_ids=q_ids, kv_segment_ids=kv_ids, scale=scale, soft_cap=soft_cap,
+      block_q=bq, block_k=bk, return_lse=True, interpret=backend_lib.interpret_mode("tpu"),
+      vmem_limit_bytes=tiles.vmem_limit_bytes)
 
 
-def _attention(q, k, v, q_ids, kv_ids, st: _Static):
-  """The static-mask path: the kernels over the ``mask_info`` lists."""
-  return _attention_lists(q, k, v, q_ids, kv_ids, _static_plans(st), st)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _attention_lists(q, k, v, q_ids, kv_ids, plans: tuple[_Plan, _Plan, _Plan], st: _Static):
-  """``plans``: the forward, dq and transposed dk/dv lists with their tiles, at ``st.blocks``' tiles."""
-  return _forward(q, k, v, q_ids, kv_ids, plans[0], st, st.cfg.return_lse)
-
-
-def _attention_fwd(q, k, v, q_ids, kv_ids, plans, st: _Static):
-  out, lse = _forward(q, k, v, q_ids, kv_ids, plans[0], st, True)
-  return (out, lse if st.cfg.return_lse else None), (q, k, v, q_ids, kv_ids, plans, out, lse)
-
-
-def _attention_bwd(st: _Static, res, g):
-  q, k, v, q_ids, kv_ids, plans, out, lse = res
-  dout, dlse = g
-  cfg = st.cfg
+def kernel_backward(res: SoftmaxResiduals, cotangents, tiles: PallasTpuConfig, *, scale: float,
+                    soft_cap: float | None, needs=(True,) * 6):
+  """``(dq, dk, dv)`` from the residuals (``res.extra``: :class:`Plans`) and ``(dout, dlse)``."""
+  q, k, v, _, q_ids, kv_ids, out, lse, plans = res
+  dout, dlse = cotangents
   # delta_i = sum_e dO_ie O_ie - dlse_i: the row term of the softmax Jacobian (lse enters with -dlse).
   delta = jnp.einsum("bthe,bthe->bht", dout.astype(jnp.float32), out.astype(jnp.float32))
-  if dlse is not None:
-    delta = delta - dlse.astype(jnp.float32)
-  common = dict(q_segment_ids=q_ids, kv_segment_ids=kv_ids, scale=cfg.scale, soft_cap=cfg.logits_soft_cap,
-                interpret=st.interpret)
-  _, dq_plan, dkv_plan = plans
-  bq, bk = st.blocks.dq
-  dq = kernels.flash_attention_bwd_dq(q, k, v, dout, lse, delta, *dq_plan, block_q=bq, block_k=bk, **common)
-  bq, bk = st.blocks.dkv
-  dk, dv = kernels.flash_attention_bwd_dkv(q, k, v, dout, lse, delta, *dkv_plan, block_q=bq, block_k=bk, **common)
-  return dq, dk, dv, None, None, None
+  delta = delta - dlse.astype(jnp.float32)
+  dout = dout.astype(q.dtype)
+  common = dict(q_segment_ids=q_ids, kv_segment_ids=kv_ids, scale=scale, soft_cap=soft_cap,
+                interpret=backend_lib.interpret_mode("tpu"), vmem_limit_bytes=tiles.vmem_limit_bytes)
+  dq = dk = dv = None
+  if needs[0]:
+    bq, bk = tiles.dq
+    dq = kernels.flash_attention_bwd_dq(q, k, v, dout, lse, delta, *plans.dq, block_q=bq, block_k=bk, **common)
+  if needs[1] or needs[2]:
+    bq, bk = tiles.dkv
+    dk, dv = kernels.flash_attention_bwd_dkv(q, k, v, dout, lse, delta, *plans.dkv, block_q=bq, block_k=bk,
+                                             **common)
+  return dq, dk, dv
 
 
-_attention_lists.defvjp(_attention_fwd, _attention_bwd)
+def platform_reason(name: str) -> str | None:
+  """Why the TPU kernels cannot run here (None if they can)."""
+  if backend_lib.platform() not in ("tpu", "cpu"):
+    return f"{name} runs on TPU (or in interpret mode on CPU), not on {backend_lib.platform()!r}"
+  return None
+
+
+class PallasTpuBackend(Backend):
+  """The Mosaic TPU kernels over the static mask's visiting lists."""
+
+  name = "pallas_tpu"
+  Config = PallasTpuConfig
+  kernel = True
+
+  def supports(self, call: SoftmaxCall) -> str | None:
+    if (reason := dense_only_reason(self.name, call)) is not None:
+      return reason
+    if call.bias is not None:
+      return "pallas_tpu does not support bias"
+    return platform_reason(self.name)
+
+  def default_config(self, call: SoftmaxCall) -> PallasTpuConfig:
+    """512 x 512 tiles for all three kernels (splash/MaxText's usual choice on v5e/v5p), clamped to T / S."""
+    return PallasTpuConfig(kernels.DEFAULT_BLOCK, kernels.DEFAULT_BLOCK)
+
+  def validate_config(self, call: SoftmaxCall, config: PallasTpuConfig) -> None:
+    resolve_tiles(config, call.T, call.S)
+
+  def fwd(self, call: SoftmaxCall, config: PallasTpuConfig, args):
+    q, k, v, _, q_ids, kv_ids = args
+    tiles = resolve_tiles(config, call.T, call.S)
+    plans = static_plans(call, tiles)
+    out, lse = kernel_forward(q, k, v, q_ids, kv_ids, plans.fwd, tiles, scale=call.scale,
+                              soft_cap=call.logits_soft_cap)
+    return (out, lse), SoftmaxResiduals(q, k, v, None, q_ids, kv_ids, out, lse, plans)
+
+  def residual_extra(self, call: SoftmaxCall, config: PallasTpuConfig) -> Plans:
+    return static_plans(call, resolve_tiles(config, call.T, call.S))
+
+  def bwd(self, call: SoftmaxCall, config: PallasTpuConfig, residuals: SoftmaxResiduals, cotangents, needs):
+    tiles = resolve_tiles(config, call.T, call.S)
+    dq, dk, dv = kernel_backward(residuals, cotangents, tiles, scale=call.scale, soft_cap=call.logits_soft_cap,
+                                 needs=needs)
+    return dq, dk, dv, None, None, None
+
+
+BACKEND = PallasTpuBackend()
 
 
 # =================================================================================================== cost model
-# Public spec-sheet peaks (Google Cloud TPU documentation): dense bf16 matmul FLOP/s and HBM bandwidth per chip.
-TPU_SPECS: dict[str, tuple[float, float]] = {
-    "v5e": (197e12, 819e9),
-    "v5p": (459e12, 2765e9),
-}
 
 
 def _fetches(*block_index) -> int:
@@ -215,7 +188,7 @@ def _flat_prefetch(lists: kernels.VisitLists, with_tiles: bool):
 
 
 def kernel_cost(B: int, T: int, S: int, H: int, D: int, *, G: int | None = None, E: int | None = None,
-                dtype=jnp.bfloat16, mask: Mask | None = None, blocks: _UserBlockSizes | None = None,
+                dtype=jnp.bfloat16, mask: Mask | None = None, blocks: BlockSizes | None = None,
                 segment_ids: bool = False, logits_soft_cap: float | None = None,
                 return_lse: bool = False) -> dict:
   """FLOPs, transcendentals and HBM bytes of the pallas_tpu kernels for one call, with a TPU roofline estimate.
@@ -240,7 +213,7 @@ def kernel_cost(B: int, T: int, S: int, H: int, D: int, *, G: int | None = None,
   G, E = G or H, E or D
   R = H // G
   it = jnp.dtype(dtype).itemsize
-  rb = block_sizes(blocks, T, S)
+  rb = resolve_tiles(blocks or PallasTpuConfig(kernels.DEFAULT_BLOCK, kernels.DEFAULT_BLOCK), T, S)
   area = T * S if mask is None else int(mask.area(T, S))
   cap = logits_soft_cap is not None
 

@@ -16,10 +16,12 @@ import pytest
 
 import jaxattn
 from jaxattn import testing
-from jaxattn.ops.linear import LinearConfig, _pallas_vjp, linear_attention_reference
+from jaxattn import backend as backend_lib
+from jaxattn.ops.linear import PallasGpuConfig, PallasTpuConfig, linear_attention_reference
+from jaxattn.ops.linear import api as linear_api
 from jaxattn.ops.linear import pallas_gpu as ops_gpu
 from jaxattn.ops.linear import pallas_tpu as ops_tpu
-from pallas_kernels.linear import LOG_DECAY_FLOOR, gpu, tpu
+from pallas_kernels.linear import KERNEL_LOG_DECAY_FLOOR, gpu, tpu
 
 IMPLS = ("pallas_gpu", "pallas_tpu")
 _GRADS = ("dq", "dk", "dv", "dlog_decay", "dinitial_state")
@@ -70,7 +72,7 @@ def _compare(impl, q, k, v, ld, s0, w_out, w_state, *, chunk=16, rms=None):
   for name, g in grads.items():
     assert g.shape == r_grads[name].shape and g.dtype == r_grads[name].dtype, name
     if name == "dlog_decay":
-      # The epilogue's identity (jaxattn/ops/linear/_pallas_vjp.py) sums per-token terms that each hold the whole
+      # The epilogue's identity (jaxattn/ops/linear/pallas_common.py) sums per-token terms that each hold the whole
       # decay horizon and cancel to the result (per-head: weighted by position): f32 rounding of ~1e-5 relative.
       with testing.override(jnp.float32, "grad", atol=2e-3, rtol=1e-4, reason="f32 rounding of cancelling sums"):
         testing.assert_close(g, r_grads[name], kind="grad", name=f"{impl} {name}")
@@ -134,7 +136,7 @@ def test_state_only_loss_with_constant_decay():
 
 # ------------------------------------------------------------------------------------------------ raw kernels
 def _reference_everything(q, k, v, ld, s0, w_out, w_state, scale):
-  cfg = LinearConfig(causal=True, scale=scale)
+  cfg = linear_api.make_call(q, k, v, log_decay=ld, initial_state=s0, scale=scale)
 
   def loss(q, k, v, s0):
     out, state = linear_attention_reference(q, k, v, ld, s0, cfg)
@@ -200,24 +202,28 @@ def test_lowers_for_tpu_and_cuda():
   gates = jax.ShapeDtypeStruct((B, T, H), jnp.float32)
   st = jax.ShapeDtypeStruct((B, H, D, D), jnp.float32)
 
-  # On a CPU backend the compositions pick interpret mode, so build the kernels for the target explicitly.
-  tpu_k = ops_tpu.TpuKernels(scale=0.1, chunk=128, interpret=False)
-  gpu_k = ops_gpu.GpuKernels(scale=0.1, blocks=ops_gpu.block_sizes(T, D, D), interpret=False)
-
-  def direct(q, k, v, g, s0, kernels):
-    out, state = _pallas_vjp.linear_attention_kernels(q, k, v, g, s0, kernels)
+  # use_platform: dispatch and build the kernels for the target (not in interpret mode) although the backend is CPU.
+  def direct(q, k, v, g, s0, backend, config):
+    call = linear_api.make_call(q, k, v, log_decay=g, initial_state=s0, scale=0.1)
+    out, state = backend_lib.flash_vjp(backend, call, config, q, k, v, g, s0)
     return jnp.sum(out.astype(jnp.float32)) + jnp.sum(state)
 
-  f = jax.jit(jax.grad(functools.partial(direct, kernels=tpu_k), (0, 1, 2, 3, 4)))
-  assert jax.export.export(f, platforms=["tpu"])(x, kv, kv, gates, st).mlir_module().count("tpu_custom_call") == 3
-  for argnums in ((0, 1, 2, 3, 4), (0, 1, 2)):  # the decay differentiated, and a constant decay
-    f = jax.jit(jax.grad(functools.partial(direct, kernels=gpu_k), argnums))
-    assert f.trace(x, kv, kv, gates, st).lower(lowering_platforms=("cuda",)).as_text().count("xla.gpu.triton") == 3
+  tpu_k = dict(backend=ops_tpu.BACKEND, config=PallasTpuConfig(chunk_size=128))
+  gpu_k = dict(backend=ops_gpu.BACKEND, config=PallasGpuConfig())
+  with backend_lib.use_platform("tpu"):
+    f = jax.jit(jax.grad(functools.partial(direct, **tpu_k), (0, 1, 2, 3, 4)))
+    assert jax.export.export(f, platforms=["tpu"])(x, kv, kv, gates, st).mlir_module().count("tpu_custom_call") == 3
+  with backend_lib.use_platform("gpu"):
+    for argnums in ((0, 1, 2, 3, 4), (0, 1, 2)):  # the decay differentiated, and a constant decay
+      f = jax.jit(jax.grad(functools.partial(direct, **gpu_k), argnums))
+      assert f.trace(x, kv, kv, gates, st).lower(lowering_platforms=("cuda",)).as_text().count("xla.gpu.triton") == 3
   # f32, per-head decay, head dim 64 (the transposed [B, H, T, D] layout) lowers too
   x32 = jax.ShapeDtypeStruct((B, 256, H, 64), jnp.float32)
   kv32 = jax.ShapeDtypeStruct((B, 256, G, 64), jnp.float32)
-  f = jax.jit(jax.grad(functools.partial(direct, kernels=tpu_k), (0, 1, 2, 3)))
-  exported = jax.export.export(f, platforms=["tpu"])(x32, kv32, kv32, jax.ShapeDtypeStruct((H,), jnp.float32), None)
+  with backend_lib.use_platform("tpu"):
+    f = jax.jit(jax.grad(functools.partial(direct, **tpu_k), (0, 1, 2, 3)))
+    exported = jax.export.export(f, platforms=["tpu"])(x32, kv32, kv32, jax.ShapeDtypeStruct((H,), jnp.float32),
+                                                       None)
   assert exported.mlir_module().count("tpu_custom_call") == 3
 
 
@@ -227,11 +233,15 @@ def test_refusals_and_fallback(impl):
   q, k, v, _, _, _, _ = _inputs(6, B=1, T=20, H=2, G=2, D=8, E=8, decay="none")
   with pytest.raises(NotImplementedError, match="causal=False"):
     jaxattn.linear_attention(q, k, v, causal=False, implementation=impl)
-  # a sequence falls back to the next implementation
-  out = jaxattn.linear_attention(q, k, v, causal=False, implementation=(impl, "xla"))
+  # a sequence falls back to the next implementation, with one warning naming the skipped one and why
+  with pytest.warns(backend_lib.FallbackWarning, match=f"skipping '{impl}'.*causal=False"):
+    out = jaxattn.linear_attention(q, k, v, causal=False, implementation=(impl, "xla"))
   testing.assert_close(out, jaxattn.linear_attention(q, k, v, causal=False, implementation="xla"))
-  with pytest.raises(NotImplementedError, match="chunk_size"):
+  # a chunk the kernels cannot tile is an invalid config: ValueError, named and explicit or in a chain
+  with pytest.raises(ValueError, match=f"{impl}: Pallas(Gpu|Tpu)Config.chunk_size=12 must be"):
     jaxattn.linear_attention(q, k, v, implementation=impl, chunk_size=12)
+  with pytest.raises(ValueError, match="chunk_size=12"):
+    jaxattn.linear_attention(q, k, v, implementation=(impl, "xla"), chunk_size=12)
 
 
 def test_backend_specific_refusals_and_tiling():
@@ -252,7 +262,7 @@ def test_backend_specific_refusals_and_tiling():
     tpu.check_block_shapes("x", (None, 8, 64), (1, 40, 256), jnp.float32)
   tpu.check_block_shapes("x", (None, 8, 64), (1, 40, 64), jnp.float32)  # full-dim lane block: legal
   assert ops_tpu.chunk_for(12, jnp.float32, 12) == 12  # any chunk that covers T
-  with pytest.raises(NotImplementedError, match="multiple of 8"):
+  with pytest.raises(ValueError, match="multiple of 8"):
     ops_tpu.chunk_for(40, jnp.float32, 12)
   assert ops_tpu.chunk_for(37, jnp.float32) == 40 and ops_tpu.chunk_for(37, jnp.bfloat16) == 48
   assert ops_tpu.chunk_for(5000, jnp.bfloat16) == 128
@@ -263,9 +273,33 @@ def test_backend_specific_refusals_and_tiling():
   r = gpu.BlockSizes().resolve(20, 8, 200)
   assert (r.chunk, r.block_e, r.block_d_dq, r.block_e_dkv) == (32, 64, 16, 64)
   # CPU default never picks a kernel
-  assert jaxattn.ops.linear.api._defaults()["cpu"] == ("xla",)
-  assert jaxattn.ops.linear.api._defaults()["gpu"] == ("pallas_gpu", "xla")
-  assert LOG_DECAY_FLOOR < -103.3  # exp(floor) is 0 in f32
+  assert linear_api.DEFAULTS["cpu"] == ("xla",)
+  assert linear_api.DEFAULTS["gpu"] == ("pallas_gpu", "xla")
+  assert KERNEL_LOG_DECAY_FLOOR < -103.3  # exp(floor) is 0 in f32
+
+
+@pytest.mark.parametrize("impl,config,match", [
+    ("pallas_gpu", PallasGpuConfig(chunk_size=24), r"pallas_gpu: PallasGpuConfig.chunk_size=24 must be a power of two"),
+    ("pallas_gpu", PallasGpuConfig(block_e=8), r"pallas_gpu: PallasGpuConfig.block_e=8 must be a power of two"),
+    ("pallas_gpu", PallasGpuConfig(num_warps=3), r"pallas_gpu: PallasGpuConfig.num_warps=3 must be one of"),
+    ("pallas_gpu", PallasGpuConfig(num_stages=0), r"pallas_gpu: PallasGpuConfig.num_stages=0 must be an int"),
+    ("pallas_tpu", PallasTpuConfig(chunk_size=12), r"pallas_tpu: PallasTpuConfig.chunk_size=12 must be a multiple "
+                                                   r"of 8 for float32"),
+    ("pallas_tpu", PallasTpuConfig(chunk_size=0), r"pallas_tpu: PallasTpuConfig.chunk_size=0 must be a positive int"),
+])
+def test_invalid_config_raises_value_error(impl, config, match):
+  """Each kernel backend rejects a bad Config with a ValueError naming the field (nothing is built or run)."""
+  q, k, v, _, _, _, _ = _inputs(10, B=1, T=40, H=2, G=2, D=8, E=8, decay="none")
+  with pytest.raises(ValueError, match=match):
+    jaxattn.linear_attention(q, k, v, implementation=(impl, config))
+
+
+@pytest.mark.parametrize("impl,config", [("pallas_gpu", PallasGpuConfig(chunk_size=16, block_e=16, block_d_dq=16)),
+                                         ("pallas_tpu", PallasTpuConfig(chunk_size=8))])
+def test_config_runs(impl, config):
+  """``implementation=(name, Config)`` runs the kernels with that config (per-token decay, ragged T = 20)."""
+  q, k, v, ld, s0, w_out, w_state = _inputs(11, B=1, T=20, H=2, G=1, D=24, E=16, decay="token")
+  _compare((impl, config), q, k, v, ld, s0, w_out, w_state, chunk=None)
 
 
 def test_tpu_cost_model():

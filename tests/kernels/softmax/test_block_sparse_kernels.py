@@ -7,7 +7,6 @@ sizes the kernels cannot run (the dispatch chain then falls back to xla); loweri
 Mosaic (no accelerator needed).
 """
 
-import dataclasses
 import functools
 
 import jax
@@ -16,8 +15,9 @@ import numpy as np
 import pytest
 
 import jaxattn
+from jaxattn import backend as backend_lib
 from jaxattn import masks, testing
-from jaxattn.ops.softmax import block_sparse, pallas_gpu, pallas_tpu
+from jaxattn.ops.softmax import block_sparse
 from jaxattn.ops.softmax.mask_info import mask_info
 
 
@@ -109,32 +109,53 @@ def test_refuses_block_sizes_and_falls_back():
     call("pallas_tpu", 128, 64)
   with pytest.raises(NotImplementedError, match="block_q_dkv"):  # block_q is the dk/dv kernel's lane dim
     call("pallas_tpu", 64, 128)
-  testing.assert_close(call(("pallas_gpu", "pallas_tpu", "xla"), 8, 64), call("xla", 8, 64))
+  with pytest.warns(backend_lib.FallbackWarning) as record:
+    testing.assert_close(call(("pallas_gpu", "pallas_tpu", "xla"), 8, 64), call("xla", 8, 64))
+  assert [str(w.message).split("(")[0] for w in record] == [
+      "block_sparse_attention: skipping 'pallas_gpu' ", "block_sparse_attention: skipping 'pallas_tpu' "]
 
 
-def _lowered_grad(backend, B, T, S, H, G, D, bq, bk, K, mask):
+def test_config_tiles_must_be_the_lists_blocks():
+  q, k, v = testing.random_qkv(jax.random.key(1), B=1, T=64, S=64, H=2, D=16)
+  idx, cnt = jnp.zeros((1, 2, 2, 1), jnp.int32), jnp.ones((1, 2, 2), jnp.int32)
+  run = lambda impl: jaxattn.block_sparse_attention(q, k, v, idx, cnt, block_q=32, block_k=32, implementation=impl)
+  with pytest.raises(ValueError, match=r"^pallas_gpu: PallasGpuConfig\.block_k_dq=16 must equal the lists' block"):
+    run(("pallas_gpu", jaxattn.PallasGpuConfig(32, 32, block_k_dq=16)))
+  with pytest.raises(ValueError, match=r"^pallas_gpu: PallasGpuConfig\.num_warps=3 must be None or one of"):
+    run(("pallas_gpu", jaxattn.PallasGpuConfig(32, 32, num_warps=3)))
+  with pytest.raises(ValueError, match=r"^pallas_tpu: PallasTpuConfig\.block_q=128 must equal the lists' block"):
+    jaxattn.block_sparse_attention(q, k, v, idx[:, :, :1], cnt[:, :, :1], block_q=64, block_k=64,
+                                   implementation=("pallas_tpu", jaxattn.PallasTpuConfig(128, 64)))
+  # launch knobs are free: the lists' tiles with 2 warps still match the reference
+  got = run(("pallas_gpu", jaxattn.PallasGpuConfig(32, 32, num_warps=2, num_stages=1)))
+  testing.assert_close(got, run("reference"))
+
+
+def _lowered_grad(name, B, T, S, H, G, D, bq, bk, K, mask):
   """The jitted gradient of the dynamic path with compiled (not interpreted) kernels, and its arg specs."""
-
-  def f(q, k, v, idx, cnt):
-    st = dataclasses.replace(backend.block_sparse_static(q, k, v, bq, bk, D ** -0.5), interpret=False)
-    info = mask_info(mask, T, S, *st.blocks.fwd)
-    lists = block_sparse.device_lists(idx, cnt, info)
-    out, _ = backend.block_sparse_attention_lists(q, k, v, lists[:3], lists[3:],
-                                                  info.tiles if info.has_partial else None, st)
-    return jnp.sum(out.astype(jnp.float32))
-
   nq = -(-T // bq)
   specs = (jax.ShapeDtypeStruct((B, T, H, D), jnp.bfloat16), jax.ShapeDtypeStruct((B, S, G, D), jnp.bfloat16),
            jax.ShapeDtypeStruct((B, S, G, D), jnp.bfloat16), jax.ShapeDtypeStruct((B, H, nq, K), jnp.int32),
            jax.ShapeDtypeStruct((B, H, nq), jnp.int32))
+  call = block_sparse.BlockSparseCall(B=B, T=T, S=S, H=H, G=G, D=D, E=D, K=K, dtype="bfloat16", block_q=bq,
+                                      block_k=bk, mask=mask, scale=D ** -0.5)
+  be = block_sparse.BACKENDS[name]
+  config = be.default_config(call)
+
+  def f(q, k, v, idx, cnt):
+    out = backend_lib.flash_vjp(be, call, config, q, k, v, idx, cnt)
+    return jnp.sum(out.astype(jnp.float32))
+
   return jax.jit(jax.grad(f, (0, 1, 2))), specs
 
 
 def test_lowers_to_triton_for_cuda():
-  fn, specs = _lowered_grad(pallas_gpu, 1, 300, 300, 4, 2, 128, 64, 64, 3, masks.Causal())
-  assert fn.trace(*specs).lower(lowering_platforms=("cuda",)).as_text().count("xla.gpu.triton") == 3
+  fn, specs = _lowered_grad("pallas_gpu", 1, 300, 300, 4, 2, 128, 64, 64, 3, masks.Causal())
+  with backend_lib.use_platform("gpu"):
+    assert fn.trace(*specs).lower(lowering_platforms=("cuda",)).as_text().count("xla.gpu.triton") == 3
 
 
 def test_lowers_to_mosaic_for_tpu():
-  fn, specs = _lowered_grad(pallas_tpu, 1, 1024, 1024, 4, 2, 128, 256, 256, 2, masks.Causal())
-  assert jax.export.export(fn, platforms=["tpu"])(*specs).mlir_module().count("tpu_custom_call") == 3
+  fn, specs = _lowered_grad("pallas_tpu", 1, 1024, 1024, 4, 2, 128, 256, 256, 2, masks.Causal())
+  with backend_lib.use_platform("tpu"):
+    assert jax.export.export(fn, platforms=["tpu"])(*specs).mlir_module().count("tpu_custom_call") == 3

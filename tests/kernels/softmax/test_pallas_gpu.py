@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 
 import jaxattn
+from jaxattn import backend as backend_lib
 from jaxattn import masks, testing
 from tests.kernels.softmax import common
+from jaxattn.ops.softmax import api as softmax_api
 from jaxattn.ops.softmax import pallas_gpu
-from jaxattn.ops.softmax.config import AttentionConfig
+from jaxattn.ops.softmax.config import PallasGpuConfig
 from pallas_kernels.softmax import gpu
 
 BS = jaxattn.BlockSizes
@@ -154,18 +156,28 @@ def test_raw_kernels_per_batch_and_head_lists():
 
 
 # ------------------------------------------------------------------------------------------- options, refusals
-def test_block_sizes_validation_and_defaults():
-  with pytest.raises(ValueError, match="power of two"):
-    gpu.BlockSizes(block_q=48)
-  with pytest.raises(ValueError, match="block_k_dq"):
-    gpu.BlockSizes(block_k_dq=8)
-  with pytest.raises(ValueError, match="num_warps"):
-    gpu.BlockSizes(num_warps=3)
-  d = gpu.BlockSizes.default(40, 3000)
+def _call(T, S, D=128, dtype="bfloat16", **kw):
+  q = jax.ShapeDtypeStruct((1, T, 2, D), jnp.dtype(dtype))
+  kv = jax.ShapeDtypeStruct((1, S, 2, D), jnp.dtype(dtype))
+  return softmax_api.make_call(q, kv, kv, **kw)
+
+
+def test_config_validation_and_defaults():
+  be = pallas_gpu.BACKEND
+  call = _call(64, 64)
+  for bad, field, match in ((PallasGpuConfig(48, 64), "block_q", "power of two"),
+                            (PallasGpuConfig(64, 64, block_k_dq=8), "block_k_dq", "power of two"),
+                            (PallasGpuConfig(64, 64, num_warps=3), "num_warps", "one of 1, 2, 4, 8, 16"),
+                            (PallasGpuConfig(64, 64, num_stages_bwd=9), "num_stages_bwd", r"in \[1, 8\]")):
+    with pytest.raises(ValueError, match=rf"^pallas_gpu: PallasGpuConfig\.{field}=\d+ must be .*{match}"):
+      be.validate_config(call, bad)
+  be.validate_config(call, PallasGpuConfig(16, 32, block_q_dkv=32))  # backward tiles None = forward's
+  d = be.default_config(_call(40, 3000))
   assert (d.block_q, d.block_k, d.block_q_dq, d.block_k_dkv) == (64, 64, 64, 64)
-  assert gpu.BlockSizes.default(4096, 4096, 256).fwd == (64, 64)  # tiles shrink for wide heads / f32
-  assert gpu.BlockSizes.default(4096, 4096, 128, itemsize=4).dkv == (32, 32)
-  assert gpu.BlockSizes().warps(64) == 4 and gpu.BlockSizes().warps(128) == 8
+  assert be.default_config(_call(4096, 4096, 256)).fwd == (64, 64)  # tiles shrink for wide heads / f32
+  assert be.default_config(_call(4096, 4096, 128, "float32")).dkv == (32, 32)
+  assert be.default_config(_call(4096, 4096, 64)) == PallasGpuConfig(128, 64, 64, 64, 64, 64)
+  assert PallasGpuConfig(64, 64).warps(64) == 4 and PallasGpuConfig(64, 64).warps(128) == 8
   assert gpu.padded_head_dim(8) == 16 and gpu.padded_head_dim(96) == 128
 
 
@@ -173,7 +185,7 @@ def test_refusals():
   q, k, v, _, _ = _inputs(0, 1, 16, 16, 2, 2, 16, 16)
   with pytest.raises(NotImplementedError, match="bias"):
     jaxattn.softmax_attention(q, k, v, bias=jnp.zeros((16, 16)), implementation="pallas_gpu")
-  with pytest.raises(NotImplementedError, match="power of two"):
+  with pytest.raises(ValueError, match="block_q=24 must be a power of two"):
     jaxattn.softmax_attention(q, k, v, implementation="pallas_gpu", block_sizes=BS(24, 16))
   q2, k2, v2, _, _ = _inputs(0, 1, 16, 16, 1, 1, 512, 16)
   with pytest.raises(NotImplementedError, match="head dims"):
@@ -183,17 +195,20 @@ def test_refusals():
 def test_lowers_to_triton_for_cuda():
   """Cross-lowering (no GPU needed): forward, dq and dk/dv become three Triton custom calls at real tile sizes."""
   B, T, S, H, G, D = 1, 300, 300, 4, 2, 128
-  cfg = AttentionConfig(T=T, S=S, scale=D ** -0.5, logits_soft_cap=30.0, mask=masks.causal_document([100, 200]))
-  st = pallas_gpu._Static(cfg, pallas_gpu.gpu_block_sizes(cfg), interpret=False)
   spec = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
   ids = jax.ShapeDtypeStruct((B, T), jnp.int32)
+  call = softmax_api.make_call(spec(B, T, H, D), spec(B, S, G, D), spec(B, S, G, D), segment_ids=True,
+                               mask=masks.causal_document([100, 200]), logits_soft_cap=30.0, return_lse=True)
+  be = pallas_gpu.BACKEND
+  config = be.default_config(call)
 
   def loss(q, k, v, qi, ki):
-    o, l = pallas_gpu._attention(q, k, v, qi, ki, st)
+    o, l = backend_lib.flash_vjp(be, call, config, q, k, v, None, qi, ki)
     return jnp.sum(o.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isfinite(l), l, 0.0))
 
-  lowered = jax.jit(jax.grad(loss, (0, 1, 2))).trace(spec(B, T, H, D), spec(B, S, G, D), spec(B, S, G, D), ids,
-                                                     ids).lower(lowering_platforms=("cuda",))
+  with backend_lib.use_platform("gpu"):  # build the real Triton kernels, not interpret mode
+    lowered = jax.jit(jax.grad(loss, (0, 1, 2))).trace(spec(B, T, H, D), spec(B, S, G, D), spec(B, S, G, D), ids,
+                                                       ids).lower(lowering_platforms=("cuda",))
   assert lowered.as_text().count("xla.gpu.triton") == 3
 
 

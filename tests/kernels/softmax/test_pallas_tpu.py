@@ -18,7 +18,9 @@ from jax.experimental.pallas import tpu as pltpu
 import jaxattn
 from jaxattn import masks, testing
 from tests.kernels.softmax import common
+from jaxattn.ops.softmax import api as softmax_api
 from jaxattn.ops.softmax import pallas_tpu
+from jaxattn.ops.softmax.config import PallasTpuConfig
 from jaxattn.ops.softmax.mask_info import mask_info
 from pallas_kernels.softmax import tpu
 
@@ -172,26 +174,32 @@ def test_lowers_to_mosaic_for_tpu(D):
 
 
 # ------------------------------------------------------------------------------------------- options, refusals
-def test_block_sizes_validation():
+def test_config_validation():
   with pytest.raises(ValueError, match="positive int"):
-    tpu.BlockSizes(block_q=0)
+    PallasTpuConfig(block_q=0, block_k=128)
+  res = lambda *a, **kw: pallas_tpu.resolve_tiles(PallasTpuConfig(*a, **kw), 300, 300)
   # block_k is a lane dim: multiple of 128 unless it covers S.
-  with pytest.raises(ValueError, match=r"block_k=192 .* multiple of 128 .*S=300"):
-    tpu.BlockSizes(128, 192).resolve(300, 300)
+  with pytest.raises(ValueError, match=r"^pallas_tpu: PallasTpuConfig\.block_k=192 .* multiple of 128 .*S=300"):
+    res(128, 192)
   # block_q is a sublane dim in the forward (multiple of 8) but a lane dim in dk/dv (block_q_dkv).
-  assert tpu.BlockSizes(136, 128, block_q_dkv=128).resolve(300, 300).block_q == 136
+  assert res(136, 128, block_q_dkv=128).block_q == 136
   with pytest.raises(ValueError, match="block_q_dkv=136"):
-    tpu.BlockSizes(136, 128).resolve(300, 300)
+    res(136, 128)
   with pytest.raises(ValueError, match=r"block_q=100 .* multiple of 8"):
-    tpu.BlockSizes(100, 128, block_q_dkv=128).resolve(300, 300)
+    res(100, 128, block_q_dkv=128)
   with pytest.raises(ValueError, match="block_k_dkv=60"):
-    tpu.BlockSizes(128, 128, block_k_dkv=60).resolve(300, 300)
+    res(128, 128, block_k_dkv=60)
+  with pytest.raises(ValueError, match="vmem_limit_bytes=0"):
+    res(128, 128, vmem_limit_bytes=0)
   # Sizes larger than the sequence clamp to it (a block spanning the whole axis is always legal).
-  r = tpu.BlockSizes().resolve(200, 300)
+  call = softmax_api.make_call(jax.ShapeDtypeStruct((1, 200, 2, 128), jnp.bfloat16),
+                               *[jax.ShapeDtypeStruct((1, 300, 2, 128), jnp.bfloat16)] * 2)
+  default = pallas_tpu.BACKEND.default_config(call)
+  assert default == PallasTpuConfig(512, 512)
+  r = pallas_tpu.resolve_tiles(default, 200, 300)
   assert (r.block_q, r.block_k, r.block_q_dq, r.block_k_dq, r.block_q_dkv, r.block_k_dkv) == (
       200, 300, 200, 300, 200, 300)
-  assert tpu.BlockSizes.default() == tpu.BlockSizes(512, 512)
-  r = pallas_tpu.block_sizes(BS(256, 128, block_k_dkv=64), 1024, 1024)
+  r = pallas_tpu.resolve_tiles(BS(256, 128, block_k_dkv=64), 1024, 1024)
   assert (r.fwd, r.dq, r.dkv) == ((256, 128), (256, 128), (256, 64))
 
 

@@ -2,10 +2,12 @@
 and gradients), rows summing to one, equality with causal softmax attention when no landmark is in range, block
 sizes 64 and 128 with a last block without landmark, GQA/MQA, bf16, fuzzed shapes, bad inputs."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 from hypothesis import given, settings, strategies as st
 
 import jaxattn
@@ -153,8 +155,9 @@ def test_explicit_kernel_refuses_unsupported_block():
     jaxattn.landmark_attention(q, k, v, block_size=12, implementation="pallas_gpu")
   with pytest.raises(NotImplementedError, match="multiple of 8"):
     jaxattn.landmark_attention(q, k, v, block_size=12, implementation="pallas_tpu")
-  # a chain falls back
-  out = jaxattn.landmark_attention(q, k, v, block_size=12, implementation=("pallas_gpu", "xla"))
+  # a chain falls back, with one warning naming the skipped backend and its reason
+  with pytest.warns(jaxattn.backend.FallbackWarning, match="skipping 'pallas_gpu'.*power of two >= 16"):
+    out = jaxattn.landmark_attention(q, k, v, block_size=12, implementation=("pallas_gpu", "xla"))
   testing.assert_close(out, jaxattn.landmark_attention(q, k, v, block_size=12, implementation="reference"))
 
 
@@ -167,3 +170,76 @@ def test_xla_memory_is_linear_at_16k():
     mem = jax.jit(fn).lower(q, k, v).compile().memory_analysis()
     total = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
     assert total < 256 << 20, f"{total / 2**20:.0f} MiB"
+
+
+# ------------------------------------------------------------------------------------- the protocol's configs
+def test_xla_config_equals_tile_shorthand_and_reference():
+  """``implementation=("xla", XlaConfig(...))`` runs with those tiles: equal to the ``block_q=`` / ``block_k=``
+  shorthand and to the reference (forward, lse, gradients)."""
+  from jaxattn.ops.landmark import XlaConfig
+  q, k, v, w_out, w_lse = inputs(31, 1, 75, 2, 1, 8, 8)
+  got = run(q, k, v, w_out, w_lse, impl=("xla", XlaConfig(block_q=16, block_k=24)), block_size=8)
+  short = run(q, k, v, w_out, w_lse, impl="xla", block_size=8, block_q=16, block_k=24)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(short)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  compare(("xla", XlaConfig(block_q=16, block_k=24)), q, k, v, w_out, w_lse, block_size=8)
+
+
+@pytest.mark.parametrize("impl,config,match", [
+    ("xla", dict(block_q=12, block_k=8), r"xla: XlaConfig.block_q=12 must be a positive multiple of block_size=8"),
+    ("xla", dict(block_q=8, block_k=0), r"xla: XlaConfig.block_k=0 must be a positive multiple of block_size=8"),
+    ("pallas_gpu", dict(block_q=48), r"pallas_gpu: PallasGpuConfig.block_q=48 must be a power-of-two multiple of "
+                                     r"block_size=16"),
+    ("pallas_gpu", dict(block_q=32, num_warps=3), r"pallas_gpu: PallasGpuConfig.num_warps=3 must be None or one of"),
+    ("pallas_gpu", dict(block_q=32, num_stages=0), r"pallas_gpu: PallasGpuConfig.num_stages=0 must be an int"),
+    ("pallas_tpu", dict(block_q=24), r"pallas_tpu: PallasTpuConfig.block_q=24 must be a positive multiple of "
+                                     r"block_size=16"),
+])
+def test_invalid_config_raises_value_error(impl, config, match):
+  """Every backend rejects a bad Config with the same kind of ValueError (before any kernel is built); so does a
+  chain (a bad tile is an error, not a reason to fall back)."""
+  from jaxattn.ops import landmark
+  bs = 8 if impl == "xla" else 16
+  q, k, v = testing.random_qkv(0, B=1, T=32, H=2, D=8)
+  cls = {"xla": landmark.XlaConfig, "pallas_gpu": landmark.PallasGpuConfig, "pallas_tpu": landmark.PallasTpuConfig}
+  with pytest.raises(ValueError, match=match):
+    jaxattn.landmark_attention(q, k, v, block_size=bs, implementation=(impl, cls[impl](**config)))
+  with pytest.raises(ValueError, match=match):
+    jaxattn.landmark_attention(q, k, v, block_size=bs, implementation=[(impl, cls[impl](**config)), "reference"])
+
+
+def test_default_configs():
+  """The GPU query tile is chosen in one place (``default_config``): 128 tokens, halved while it covers T."""
+  from jaxattn.ops.landmark import api, pallas_gpu, pallas_tpu, xla
+  call = lambda T, bs: api.make_call(*testing.random_qkv(0, B=1, T=T, H=2, D=8), block_size=bs)
+  assert pallas_gpu.BACKEND.default_config(call(300, 16)).block_q == 128
+  assert pallas_gpu.BACKEND.default_config(call(40, 16)).block_q == 64
+  assert pallas_gpu.BACKEND.default_config(call(10, 16)).block_q == 16
+  assert pallas_gpu.BACKEND.default_config(call(1000, 256)).block_q == 256
+  assert pallas_tpu.BACKEND.default_config(call(1000, 64)).block_q == 256
+  assert pallas_tpu.BACKEND.default_config(call(100, 64)).block_q == 128
+  assert xla.BACKEND.default_config(call(1000, 24)) == xla.XlaConfig(block_q=240, block_k=240)
+  assert api.resolve_backend(call(64, 16))[0].name == "xla"  # CPU chain
+
+
+class TestJitAndEager(chex.TestCase):
+  """``xla`` equals ``reference`` with and without ``jit`` (``chex.variants``; the suite above always jits):
+  outputs, lse and gradients."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(("bs8_gqa", 8, 2))
+  def test_xla_matches_reference(self, block_size, G):
+    q, k, v, w_out, w_lse = inputs(21, 2, 44, 4, G, 8, 6)  # 44 tokens: a last block without landmark
+
+    def outputs_and_grads(impl):  # (``run`` is the suite's jitted runner)
+      def loss(q, k, v):
+        out, lse = jaxattn.landmark_attention(q, k, v, block_size=block_size, return_lse=True, implementation=impl)
+        return jnp.sum(out * w_out) + jnp.sum(lse * w_lse), (out, lse)
+
+      (_, (out, lse)), grads = self.variant(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(q, k, v)
+      chex.assert_shape(out, (2, 44, 4, 6))
+      chex.assert_shape(lse, (2, 4, 44))
+      return out, lse, grads
+
+    for name, got, want in zip(("out", "lse", "grads"), outputs_and_grads("xla"), outputs_and_grads("reference")):
+      testing.assert_close(got, want, kind="grad" if name == "grads" else "out", name=name)

@@ -3,14 +3,17 @@ GQA, initial state, ragged chunks, non-causal, extreme decays, decoding, CAB pre
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 import jaxattn
 from jaxattn import testing
-from jaxattn.ops.linear import LinearConfig, linear_attention_parallel
+from jaxattn.ops.linear import XlaConfig, linear_attention_parallel
+from jaxattn.ops.linear.api import make_call
 
 IMPLS = ("reference", "xla")
 
@@ -33,8 +36,8 @@ def _inputs(seed, *, B=2, T=37, S=None, H=4, G=2, D=8, E=6, decay="head", dtype=
 @functools.partial(jax.jit, static_argnames=("impl", "causal", "chunk"))
 def _run(q, k, v, ld, s0, *, impl, causal=True, chunk=8):
   if impl == "parallel":
-    cfg = LinearConfig(causal=causal, scale=q.shape[-1] ** -0.5)
-    return linear_attention_parallel(q, k, v, ld, s0, cfg)
+    return linear_attention_parallel(q, k, v, ld, s0, make_call(q, k, v, log_decay=ld, initial_state=s0,
+                                                                 causal=causal))
   return jaxattn.linear_attention(q, k, v, log_decay=ld, causal=causal, initial_state=s0, return_final_state=True,
                                   implementation=impl, chunk_size=chunk)
 
@@ -52,7 +55,8 @@ def _check_all(impl, q, k, v, ld, s0, *, causal=True, chunk=8):
   """Outputs, final state and (dq, dk, dv, dlog_decay, dinitial_state) of ``impl`` against the parallel form."""
   out, state = _run(q, k, v, ld, s0, impl=impl, causal=causal, chunk=chunk)
   ref_out, ref_state = _run(q, k, v, ld, s0, impl="parallel", causal=causal)
-  assert out.shape == ref_out.shape and out.dtype == q.dtype and state.dtype == jnp.float32
+  chex.assert_shape(out, ref_out.shape)
+  assert out.dtype == q.dtype and state.dtype == jnp.float32
   testing.assert_close(out, ref_out, name=f"{impl} out")
   testing.assert_close(state, ref_state, name=f"{impl} final state")
   rng = np.random.default_rng(7)
@@ -163,7 +167,8 @@ def test_extreme_decays_long_sequence(decay):
 
 
 def test_naive_factorisation_overflows_but_chunked_does_not():
-  """The split lambda^(t-s) = lambda^t * lambda^(-s) overflows in f32 once s * |g| > 88 (efficient.md section 1)."""
+  """The split lambda^(t-s) = lambda^t * lambda^(-s) overflows in f32 once s * |g| > 88 (TransNormerLLM,
+  arXiv:2307.14995)."""
   g, t = np.float32(-0.5), np.arange(400, dtype=np.float32)
   with np.errstate(over="ignore", invalid="ignore"):
     naive = np.exp(g * t)[:, None] * np.exp(-g * t)[None, :]
@@ -187,7 +192,8 @@ def test_step_by_step_decode_equals_full(decay):
   for t in range(5, 12):
     ld_t = ld if ld.ndim == 1 else ld[:, t]
     o, state = step(q[:, t], k[:, t], v[:, t], state, log_decay=ld_t)
-    assert o.shape == (2, 4, 6) and state.dtype == jnp.float32
+    chex.assert_shape(o, (2, 4, 6))
+    assert state.dtype == jnp.float32
     outs.append(o[:, None])
   testing.assert_close(jnp.concatenate(outs, axis=1), full, name="decode outputs")
   testing.assert_close(state, full_state, name="decode final state")
@@ -272,3 +278,80 @@ def test_traced_log_decay_is_not_value_checked_under_jit():
   q, k, v, ld, _ = _inputs(13, B=1, T=5, decay="head")
   out = jax.jit(lambda ld: jaxattn.linear_attention(q, k, v, log_decay=ld))(ld)
   testing.assert_close(out, _run(q, k, v, ld, None, impl="parallel")[0], name="jit")
+
+
+class TestJitAndEager(chex.TestCase):
+  """``xla`` equals ``reference`` with and without ``jit`` (``chex.variants``): outputs, final state, gradients."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(("token_decay", "token"))
+  def test_xla_matches_reference(self, decay):
+    q, k, v, ld, s0 = _inputs(3, decay=decay)  # T = 37 (ragged chunks), GQA 4:2, an initial state
+    rng = np.random.default_rng(3)
+    w_out, w_state = _arr(rng, (2, 37, 4, 6)), _arr(rng, (2, 4, 8, 6))
+
+    def run(impl):
+      def loss(q, k, v, ld, s0):
+        out, state = jaxattn.linear_attention(q, k, v, log_decay=ld, initial_state=s0, return_final_state=True,
+                                              implementation=impl)
+        return jnp.sum(out * w_out) + jnp.sum(state * w_state), (out, state)
+
+      (_, (out, state)), grads = self.variant(jax.value_and_grad(loss, (0, 1, 2, 3, 4), has_aux=True))(
+          q, k, v, ld, s0)
+      chex.assert_shape(out, (2, 37, 4, 6))
+      chex.assert_shape(state, (2, 4, 8, 6))
+      return out, state, grads
+
+    (out, state, grads), (r_out, r_state, r_grads) = run("xla"), run("reference")
+    testing.assert_close(out, r_out, name="out")
+    testing.assert_close(state, r_state, name="final state")
+    testing.assert_close([grads[i] for i in (0, 1, 2, 4)], [r_grads[i] for i in (0, 1, 2, 4)], kind="grad",
+                         name="dq, dk, dv, dinitial_state")
+    with testing.override(jnp.float32, "grad", atol=2e-3, rtol=1e-4, reason="f32 rounding of a long reduction"):
+      testing.assert_close(grads[3], r_grads[3], kind="grad", name="dlog_decay")  # see _check_all
+
+
+# ------------------------------------------------------------------------------------- the protocol's configs
+def test_xla_config_equals_chunk_size_shorthand():
+  """``implementation=("xla", XlaConfig(chunk_size=5))`` runs with that chunk: it equals ``chunk_size=5`` and the
+  reference, and (ragged chunks of 5 over T = 23) its result is not the default chunk's bit for bit."""
+  q, k, v, ld, s0 = _inputs(14, B=1, T=23, decay="token")
+  kw = dict(log_decay=ld, initial_state=s0, return_final_state=True)
+  cfg = jax.jit(lambda *a: jaxattn.linear_attention(*a, **kw, implementation=("xla", XlaConfig(chunk_size=5))))
+  out, state = cfg(q, k, v)
+  short, short_state = jax.jit(lambda *a: jaxattn.linear_attention(*a, **kw, implementation="xla", chunk_size=5))(
+      q, k, v)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(short))
+  np.testing.assert_array_equal(np.asarray(state), np.asarray(short_state))
+  ref, ref_state = _run(q, k, v, ld, s0, impl="reference")
+  testing.assert_close(out, ref, name="XlaConfig(5) out")
+  testing.assert_close(state, ref_state, name="XlaConfig(5) state")
+  w = _arr(np.random.default_rng(1), out.shape)
+  loss = lambda impl: lambda q, ld: jnp.sum(jaxattn.linear_attention(q, k, v, log_decay=ld, initial_state=s0,
+                                                                     implementation=impl) * w)
+  got = jax.jit(jax.grad(loss(("xla", XlaConfig(chunk_size=5))), (0, 1)))(q, ld)
+  want = jax.jit(jax.grad(loss("reference"), (0, 1)))(q, ld)
+  testing.assert_close(got[0], want[0], kind="grad", name="XlaConfig(5) dq")
+  with testing.override(jnp.float32, "grad", atol=2e-3, rtol=1e-4, reason="f32 rounding of a long reduction"):
+    testing.assert_close(got[1], want[1], kind="grad", name="XlaConfig(5) dlog_decay")
+
+
+@pytest.mark.parametrize("impl,config,match", [
+    ("xla", XlaConfig(chunk_size=0), r"xla: XlaConfig.chunk_size=0 must be a positive int"),
+    ("xla", XlaConfig(chunk_size=2.5), r"xla: XlaConfig.chunk_size=2.5 must be a positive int"),
+])
+def test_invalid_xla_config_raises_value_error(impl, config, match):
+  q, k, v, _, _ = _inputs(15, B=1, T=9, decay="none")
+  with pytest.raises(ValueError, match=match):
+    jaxattn.linear_attention(q, k, v, implementation=(impl, config))
+
+
+def test_config_of_another_backend_and_config_with_shorthand_raise():
+  q, k, v, _, _ = _inputs(16, B=1, T=9, decay="none")
+  with pytest.raises(ValueError, match="must be a .*XlaConfig, got PallasTpuConfig"):
+    jaxattn.linear_attention(q, k, v, implementation=("xla", jaxattn.ops.linear.PallasTpuConfig(chunk_size=8)))
+  with pytest.raises(ValueError, match="not both"):
+    jaxattn.linear_attention(q, k, v, implementation=("xla", XlaConfig(4)), chunk_size=4)
+  with pytest.raises(ValueError, match="reference.*must be a jaxattn.backend.NoConfig, got XlaConfig"):
+    jaxattn.linear_attention(q, k, v, implementation=("reference", XlaConfig(4)))
+

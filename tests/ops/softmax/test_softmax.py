@@ -1,9 +1,11 @@
 """softmax_attention: fuzzed masks x implementations against the reference, options, CAB patterns, bad inputs."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 from hypothesis import given, strategies as st
 
 import jaxattn
@@ -136,7 +138,7 @@ def test_default_on_cpu_is_xla_and_cudnn_refuses():
     jaxattn.softmax_attention(q, k, v, implementation="cudnn")
   # a sequence falls back in order
   out = jaxattn.softmax_attention(q, k, v, implementation=("cudnn", "xla"))
-  assert out.shape == q.shape
+  chex.assert_shape(out, q.shape)
 
 
 def test_under_jit_with_static_mask():
@@ -163,7 +165,8 @@ _k = jnp.ones((2, 10, 2, 16))
     (dict(segment_ids=jnp.ones((2, 8), jnp.int32)), "needs T == S"),
     (dict(segment_ids=(jnp.ones((2, 8), jnp.int32), jnp.ones((2, 9), jnp.int32))), "kv segment ids must have"),
     (dict(segment_ids=(jnp.ones((2, 8)), jnp.ones((2, 10)))), "must be integers"),
-    (dict(mask=np.ones((8, 10), bool)), "mask must be a jaxattn.masks.Mask"),
+    (dict(mask=np.ones((8, 10), np.float32)), "mask array must be boolean"),  # bool arrays are masks now
+    (dict(mask="causal"), "mask must be a jaxattn.masks.Mask"),
     (dict(scale=float("nan")), "scale"),
     (dict(logits_soft_cap=-1.0), "logits_soft_cap"),
     (dict(implementation="flash"), "unknown implementation 'flash'"),
@@ -192,3 +195,26 @@ def test_xla_memory_at_16k_stays_under_1gib():
     mem = jax.jit(fn).lower(q, k, v).compile().memory_analysis()
     total = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
     assert total < 1 << 30, f"{total / 2**20:.0f} MiB"
+
+
+class TestJitAndEager(chex.TestCase):
+  """``xla`` equals ``reference`` with and without ``jit`` (``chex.variants``): outputs, lse and gradients."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(("causal_gqa", masks.Causal(), 2), ("window_mqa", masks.sliding_window(8), 1))
+  def test_xla_matches_reference(self, mask, G):
+    q, k, v = testing.random_qkv(11, B=2, T=40, H=4, G=G, D=16, E=8)
+    w = jnp.asarray(np.random.default_rng(11).normal(size=(2, 40, 4, 8)), jnp.float32)
+
+    def run(impl):
+      def loss(q, k, v):
+        out, lse = jaxattn.softmax_attention(q, k, v, mask=mask, return_lse=True, implementation=impl)
+        return jnp.sum(out * w), (out, lse)
+
+      (_, (out, lse)), grads = self.variant(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(q, k, v)
+      chex.assert_shape(out, (2, 40, 4, 8))
+      chex.assert_shape(lse, (2, 4, 40))
+      return out, lse, grads
+
+    for name, got, want in zip(("out", "lse", "grads"), run("xla"), run("reference")):
+      testing.assert_close(got, want, kind="grad" if name == "grads" else "out", name=name)

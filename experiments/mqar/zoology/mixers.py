@@ -14,7 +14,7 @@ in Zoology's recall-memory plots). Mixers with an auxiliary loss return it from 
   state ``2 D N``.
 - :class:`Sequential`: mixers applied one after the other (each keeps its own skip); states add up.
 
-The gated convolutions (``ShortConv``, ``LongConv``, ``BaseConv``) live in :mod:`jaxattn.nn.zoology.conv`.
+The gated convolutions (``ShortConv``, ``LongConv``, ``BaseConv``) live in :mod:`experiments.mqar.zoology.conv`.
 """
 
 from __future__ import annotations
@@ -24,14 +24,12 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from jaxattn import linear_attention, softmax_attention
 from jaxattn import masks as masks_lib
-from jaxattn.nn._checks import positive_int
-from jaxattn.nn.attention import MultiHeadAttention
-from jaxattn.nn.transnormer import GatedLinearAttention
-from jaxattn.ops.linear.api import linear_attention
-from jaxattn.ops.softmax.api import softmax_attention
+from jaxattn.nn import GatedLinearAttention, MultiHeadAttention
 
 __all__ = [
     "Mixer", "SoftmaxAttention", "DecayedLinearAttention", "TaylorLinearAttention", "taylor_features",
@@ -39,7 +37,15 @@ __all__ = [
 ]
 
 
+def positive_int(name: str, value) -> int:
+  """``value`` as an int; ValueError naming it unless it is a positive int (bools refused)."""
+  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+    raise ValueError(f"{name} must be a positive int, got {value!r}")
+  return int(value)
+
+
 def check_x(x, d_model: int):
+  """``x`` as an array; ValueError unless it has shape ``[B, T, d_model]``."""
   x = jnp.asarray(x)
   if x.ndim != 3 or x.shape[-1] != d_model:
     raise ValueError(f"x must have shape [B, T, {d_model}], got {x.shape}")
@@ -71,19 +77,21 @@ class SoftmaxAttention(Mixer):
     d_model: width ``D``.
     num_heads: heads (Zoology's Figure 2 uses 1).
     window: sliding-window length, or None for full causal attention.
+    use_rope: rotary position embeddings on q and k (:func:`jaxattn.nn.apply_rope`; Zoology's Figure-2 model
+      has none and learns absolute positions in the scaffold instead).
     implementation: passed to :func:`jaxattn.softmax_attention`.
     rngs: parameter initialisation.
   """
 
-  def __init__(self, d_model: int, num_heads: int = 1, *, window: int | None = None, implementation=None,
-               rngs: nnx.Rngs):
+  def __init__(self, d_model: int, num_heads: int = 1, *, window: int | None = None, use_rope: bool = False,
+               implementation=None, rngs: nnx.Rngs):
     self.d_model = positive_int("d_model", d_model)
     if window is not None:
       window = positive_int("window", window)
     self.window = window
     mask = masks_lib.Causal() if window is None else masks_lib.sliding_window(window, causal=True)
-    self.attn = MultiHeadAttention(num_heads, self.d_model, use_bias=True, mask=mask, implementation=implementation,
-                                   rngs=rngs)
+    self.attn = MultiHeadAttention(num_heads, self.d_model, use_bias=True, mask=mask, use_rope=use_rope,
+                                   implementation=implementation, rngs=rngs)
 
   def __call__(self, x, *, train: bool = False):
     return self.attn(check_x(x, self.d_model))

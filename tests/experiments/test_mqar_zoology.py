@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxattn.nn.zoology import (MIXERS, BaseConv, ImplicitFilter, LongConv, SigmoidSelectiveAttention, ShortConv,
-                                TaylorLinearAttention, ZooLM, fft_causal_conv, make_mixer, taylor_features)
+from experiments.mqar.zoology import (MIXERS, BaseConv, ImplicitFilter, LongConv, SigmoidSelectiveAttention,
+                                      ShortConv, TaylorLinearAttention, ZooLM, fft_causal_conv, make_mixer,
+                                      taylor_features)
 
 B, T, D = 2, 12, 16
 
@@ -142,6 +143,24 @@ def test_zoo_lm_shapes_state_and_init(mixer):
   assert (lm.positions is not None) == (mixer in ("attention", "sliding_window"))
   emb = np.asarray(lm.embed.embedding[...])
   assert 0.015 < emb.std() < 0.025  # N(0, 0.02)
+
+
+def test_rotary_attention_replaces_learned_positions_and_stays_causal():
+  """``use_rope``: no learned position table, rotary embeddings really applied (same weights, different output than
+  without them, and the same output as the MultiHeadAttention it wraps with use_rope), still causal."""
+  lm = ZooLM(40, 16, 8, "attention", use_rope=True, rngs=nnx.Rngs(0))
+  assert lm.positions is None and all(m.attn.use_rope for m in lm.mixers)
+  assert ZooLM(40, 16, 8, "baseconv", use_rope=True, rngs=nnx.Rngs(0)).positions is None
+  rope = make_mixer("attention", D, T, use_rope=True, rngs=nnx.Rngs(0))
+  plain = make_mixer("attention", D, T, rngs=nnx.Rngs(0))  # the same parameters (same seed, same shapes)
+  x = _x(11)
+  y_rope, y_plain = np.asarray(rope(x)), np.asarray(plain(x))
+  assert not np.allclose(y_rope, y_plain, atol=1e-3)
+  np.testing.assert_allclose(y_plain[:, 0], np.asarray(rope(x))[:, 0], atol=1e-5)  # position 0: rotation by 0
+  x2 = x.at[:, 5:].set(_x(12)[:, 5:])
+  np.testing.assert_allclose(y_rope[:, :5], np.asarray(rope(x2))[:, :5], atol=1e-5)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 40, (2, 8)), jnp.int32)
+  assert bool(jnp.all(jnp.isfinite(lm(tokens))))
 
 
 def test_zoo_lm_out_projection_rescaled_and_dropout():

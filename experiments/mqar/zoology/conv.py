@@ -20,8 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxattn.nn._checks import positive_int
-from jaxattn.nn.zoology.mixers import Mixer, check_x
+from experiments.mqar.zoology.mixers import Mixer, check_x, positive_int
 
 __all__ = ["ShortConv", "ImplicitFilter", "LongConv", "BaseConv", "fft_causal_conv"]
 

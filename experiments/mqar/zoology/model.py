@@ -16,7 +16,8 @@ layer, exactly as in Zoology's code. Initialisation follows Zoology too: every l
 Mixers (``mixer=``; layer ``i`` of ``L``):
 
 ==================  ===========================================================================================
-``attention``       :class:`SoftmaxAttention` in every layer, learned absolute positions
+``attention``       :class:`SoftmaxAttention` in every layer, learned absolute positions (or rotary ones,
+                    ``use_rope=True``)
 ``sliding_window``  :class:`SoftmaxAttention` with a causal window of ``window`` keys, learned positions
 ``baseconv``        :class:`BaseConv`, short convolution (``short_kernel``) in even layers, implicit long FFT
                     convolution in odd layers (Zoology's ``kernel_size=[3, -1, ...]``)
@@ -29,7 +30,7 @@ Mixers (``mixer=``; layer ``i`` of ``L``):
 Example:
   >>> import jax.numpy as jnp
   >>> from flax import nnx
-  >>> from jaxattn.nn.zoology import ZooLM
+  >>> from experiments.mqar.zoology import ZooLM
   >>> lm = ZooLM(vocab_size=64, d_model=32, seq_len=16, mixer="baseconv", rngs=nnx.Rngs(0))
   >>> lm(jnp.zeros((2, 16), jnp.int32)).shape
   (2, 16, 64)
@@ -43,10 +44,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxattn.nn._checks import positive_int
-from jaxattn.nn.zoology.conv import BaseConv
-from jaxattn.nn.zoology.mixers import (DecayedLinearAttention, Mixer, Sequential, SigmoidSelectiveAttention,
-                                       SoftmaxAttention, TaylorLinearAttention)
+from experiments.mqar.zoology.conv import BaseConv
+from experiments.mqar.zoology.mixers import (DecayedLinearAttention, Mixer, Sequential, SigmoidSelectiveAttention,
+                                            SoftmaxAttention, TaylorLinearAttention, positive_int)
 
 __all__ = ["ZooLM", "MIXERS", "make_mixer", "zoology_init"]
 
@@ -57,8 +57,8 @@ _OUT_PROJECTIONS = ("out", "out_proj")
 
 def make_mixer(name: str, d_model: int, seq_len: int, *, layer_idx: int = 0, num_layers: int = 2,
                num_heads: int = 1, window: int = 16, short_kernel: int = 3, feature_dim: int = 8,
-               selection_penalty: float = 1e-3, n_lookups: int | None = None, implementation=None,
-               rngs: nnx.Rngs) -> Mixer:
+               selection_penalty: float = 1e-3, n_lookups: int | None = None, use_rope: bool = False,
+               implementation=None, rngs: nnx.Rngs) -> Mixer:
   """The sequence mixer of layer ``layer_idx`` for a mixer family (see the module docstring).
 
   Args:
@@ -70,6 +70,7 @@ def make_mixer(name: str, d_model: int, seq_len: int, *, layer_idx: int = 0, num
     short_kernel: short-convolution length (``baseconv``, ``based``, ``hybrid``).
     feature_dim: Taylor feature dimension (``based``).
     selection_penalty, n_lookups: :class:`SigmoidSelectiveAttention` (``hybrid``).
+    use_rope: rotary position embeddings in ``attention`` / ``sliding_window`` (not in Zoology's Figure 2).
     implementation: attention implementation passed down (None: per platform).
     rngs: parameter initialisation.
 
@@ -78,9 +79,10 @@ def make_mixer(name: str, d_model: int, seq_len: int, *, layer_idx: int = 0, num
   """
   even = layer_idx % 2 == 0
   if name == "attention":
-    return SoftmaxAttention(d_model, num_heads, implementation=implementation, rngs=rngs)
+    return SoftmaxAttention(d_model, num_heads, use_rope=use_rope, implementation=implementation, rngs=rngs)
   if name == "sliding_window":
-    return SoftmaxAttention(d_model, num_heads, window=window, implementation=implementation, rngs=rngs)
+    return SoftmaxAttention(d_model, num_heads, window=window, use_rope=use_rope, implementation=implementation,
+                            rngs=rngs)
   if name in ("baseconv", "hybrid"):
     conv = BaseConv(d_model, short_kernel if even else -1, seq_len=seq_len, rngs=rngs)
     if name == "baseconv":
@@ -139,7 +141,7 @@ class ZooLM(nnx.Module):
     mixer: one of :data:`MIXERS`.
     num_layers: blocks (Zoology's Figure 2: 2).
     learned_positions: add learned absolute position embeddings (default: only for the attention-only mixers,
-      as in Zoology, where ``max_position_embeddings`` is set for attention alone).
+      as in Zoology, where ``max_position_embeddings`` is set for attention alone, and not with ``use_rope``).
     embed_dropout: dropout on the embeddings (Zoology: 0.1).
     resid_dropout: dropout on the mixer outputs (Zoology: 0).
     init_std: the ``N(0, std)`` of :func:`zoology_init`.
@@ -169,7 +171,9 @@ class ZooLM(nnx.Module):
     self.resid_dropout = float(resid_dropout)
     D = self.d_model
     self.embed = nnx.Embed(self.vocab_size, D, rngs=rngs)  # [V, D], also the LM head
-    use_pos = mixer in _POSITIONAL if learned_positions is None else bool(learned_positions)
+    if learned_positions is None:  # attention needs positions; rotary embeddings (use_rope) replace learned ones
+      learned_positions = mixer in _POSITIONAL and not mixer_kwargs.get("use_rope", False)
+    use_pos = bool(learned_positions)
     self.positions = nnx.Embed(self.seq_len, D, rngs=rngs) if use_pos else None  # [N, D]
     self.mixers = nnx.List([
         make_mixer(mixer, D, self.seq_len, layer_idx=i, num_layers=self.num_layers, rngs=rngs, **mixer_kwargs)
