@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-__all__ = ["Backend", "NoConfig", "FallbackWarning", "flash_vjp", "dispatch", "resolve", "platform", "use_platform",
+__all__ = ["Backend", "NoConfig", "Shapes", "FallbackWarning", "flash_vjp", "dispatch", "resolve", "platform", "use_platform",
            "interpret_mode", "is_resource_error", "is_pair", "static_implementation", "with_config_fields",
            "config_error", "PLATFORMS"]
 
@@ -54,6 +54,25 @@ def config_error(owner: str, field: str, value, rule: str) -> ValueError:
   ``validate_config`` rejects it.
   """
   return ValueError(f"{owner}.{field}={value!r} {rule}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+  """The static shapes every attention call carries (its family's call dataclass extends it).
+
+  Attributes:
+    B, T, S, H, G, D, E: batch, query length, key length, query heads, kv heads, qk dim, v dim.
+    dtype: q's dtype name (``"float32"``, ``"bfloat16"``, ``"float16"``).
+  """
+
+  B: int
+  T: int
+  S: int
+  H: int
+  G: int
+  D: int
+  E: int
+  dtype: str
 
 
 @dataclasses.dataclass(frozen=True)

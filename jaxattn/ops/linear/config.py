@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, NamedTuple
 
-from jaxattn.backend import config_error
+from jaxattn.backend import Shapes, config_error
 
 __all__ = ["FINITE_LOG_DECAY_FLOOR", "DECAY_KINDS", "LinearCall", "LinearResiduals", "XlaConfig", "PallasGpuConfig",
            "PallasTpuConfig", "check_positive_int"]
@@ -26,7 +26,7 @@ DECAY_KINDS = (None, "head", "token")
 
 
 @dataclasses.dataclass(frozen=True)
-class LinearCall:
+class LinearCall(Shapes):
   """The semantics and static shapes of one ``linear_attention`` call (a :mod:`jaxattn.backend` call).
 
   Arguments of every linear backend, in order: ``(q [B, T, H, D], k [B, S, G, D], v [B, S, G, E],
@@ -44,14 +44,6 @@ class LinearCall:
     initial_state: whether an initial state is passed.
   """
 
-  B: int
-  T: int
-  S: int
-  H: int
-  G: int
-  D: int
-  E: int
-  dtype: str
   scale: float
   causal: bool = True
   decay: str | None = None

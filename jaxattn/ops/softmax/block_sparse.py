@@ -20,7 +20,7 @@ from jax import lax
 
 from jaxattn import backend as backend_lib
 from jaxattn._validation import sanitize_block_lists, validate_block_lists, validate_qkv, validate_scale
-from jaxattn.backend import Backend
+from jaxattn.backend import Backend, Shapes
 from jaxattn.masks import Full, Mask
 from jaxattn.ops.nonfinite import poison, sanitize
 from jaxattn.ops.softmax import pallas_gpu, pallas_tpu
@@ -35,7 +35,7 @@ OP = "block_sparse_attention"
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockSparseCall:
+class BlockSparseCall(Shapes):
   """The semantics and static shapes of one ``block_sparse_attention`` call (a :mod:`jaxattn.backend` call).
 
   Arguments of every block-sparse backend: ``(q [B, T, H, D], k [B, S, G, D], v [B, S, G, E],
@@ -50,15 +50,7 @@ class BlockSparseCall:
     scale: logit scale.
   """
 
-  B: int
-  T: int
-  S: int
-  H: int
-  G: int
-  D: int
-  E: int
   K: int
-  dtype: str
   block_q: int
   block_k: int
   mask: Mask | None

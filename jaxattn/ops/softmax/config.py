@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from jaxattn.backend import config_error
+from jaxattn.backend import Shapes, config_error
 from jaxattn.masks import Mask, PerHead
 
 
@@ -89,7 +89,7 @@ class PallasTpuConfig(BlockSizes):
 
 # ------------------------------------------------------------------------------------ the op protocol's types
 @dataclasses.dataclass(frozen=True)
-class SoftmaxCall:
+class SoftmaxCall(Shapes):
   """The semantics and static shapes of one ``softmax_attention`` call (a :mod:`jaxattn.backend` call).
 
   Arguments of every softmax backend, in order: ``(q [B, T, H, D], k [B, S, G, D], v [B, S, G, E],
@@ -114,14 +114,6 @@ class SoftmaxCall:
   ``mask`` may be a :class:`jaxattn.masks.PerHead` (one mask per query head; ``reference`` and ``xla`` only).
   """
 
-  B: int
-  T: int
-  S: int
-  H: int
-  G: int
-  D: int
-  E: int
-  dtype: str
   scale: float
   logits_soft_cap: float | None = None
   mask: Mask | None = None
