@@ -5,7 +5,6 @@ Without the plugin (CI installs only ``.[test]``) the compile tests skip with th
 """
 
 import dataclasses
-import importlib.util
 import json
 import os
 import pathlib
@@ -21,11 +20,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _plugin_reason():
-  missing = [m for m in ("jax_plugins.xla_cuda12", "jax_cuda12_plugin") if importlib.util.find_spec(m) is None]
-  if missing:
-    return (f"the CUDA plugin is not installed ({', '.join(missing)} missing): "
-            f"pip install jax-cuda12-plugin jax-cuda12-pjrt (same version as jax)")
-  return None
+  return run.plugin_missing()
 
 
 needs_plugin = pytest.mark.skipif(_plugin_reason() is not None, reason=str(_plugin_reason()))
