@@ -367,7 +367,7 @@ def first_order_only(bwd, *, op: str, implementation: str):
   @functools.wraps(bwd)
   def wrapped(*args):
     leaves, tree = jax.tree.flatten(args)
-    is_array = [isinstance(x, (jax.Array, jax.core.Tracer, np.ndarray)) for x in leaves]
+    is_array = [isinstance(x, (jax.Array, np.ndarray)) for x in leaves]  # tracers are jax.Arrays
 
     def f(*arrays):
       it = iter(arrays)
