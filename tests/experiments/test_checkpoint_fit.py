@@ -12,22 +12,13 @@ import pytest
 from flax import nnx
 
 from experiments.common import data as data_lib
+from configs.mqar import TrainConfig
 from experiments.common.checkpoint import Checkpointer, CheckpointWarning
 from experiments.common.errors import NonFiniteError
 from experiments.common.metrics import MetricWriter, read_jsonl
 from experiments.common.train import Interrupted, Trainer, fit, tree_equal
 
 DIM, N, BATCH, TOTAL, EVERY = 64, 64, 4, 12, 4
-
-
-@dataclasses.dataclass(frozen=True)
-class _Opt:
-  weight_decay: float = 0.0
-  b1: float = 0.9
-  b2: float = 0.999
-  eps: float = 1e-8
-  warmup_steps: int = 0
-  grad_clip: float | None = None
 
 
 class _Regression(data_lib.GeneratedSource):
@@ -62,7 +53,7 @@ def _eval(model, batch):
 @pytest.fixture(scope="module")
 def trainer():
   return Trainer(lambda rngs: nnx.Linear(DIM, DIM, rngs=rngs),  # w: a 16 KiB chunk on disk
-                 _loss, _eval, total_steps=TOTAL, settings=_Opt())
+                 _loss, _eval, total_steps=TOTAL, settings=TrainConfig(weight_decay=0.0))
 
 
 def _fit(trainer, ckpt_dir, train=None, **kw):

@@ -126,12 +126,13 @@ def landmark_attention(q, k, v, *, block_size: int, scale: float | None = None, 
   tiles = {name: int(b) for name, b in (("block_q", block_q), ("block_k", block_k)) if b is not None}
   if tiles:
     implementation = backend_lib.with_config_fields(OP, BACKENDS, DEFAULTS, implementation, call, **tiles)
-  out, lse = _run(q, k, v, implementation=implementation, call=call)
+  out, lse = _run(q, k, v, implementation=implementation, call=call, platform=backend_lib.platform())
   return (out, lse) if return_lse else out
 
 
-@functools.partial(jax.jit, static_argnames=("implementation", "call"))
-def _run(q, k, v, *, implementation, call: LandmarkCall):
+@functools.partial(jax.jit, static_argnames=("implementation", "call", "platform"))
+def _run(q, k, v, *, implementation, call: LandmarkCall, platform: str):
+  del platform  # a cache key: dispatch and the kernels' interpret mode depend on it (use_platform)
   # jit here so eager calls compile once per (shapes, call, implementation), not on every call; inlined under an
   # outer jit.
   return backend_lib.dispatch(OP, BACKENDS, implementation, DEFAULTS, call, (q, k, v))

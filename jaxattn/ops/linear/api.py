@@ -7,9 +7,8 @@ residuals are a :class:`~jaxattn.ops.linear.config.LinearResiduals`.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -114,12 +113,14 @@ def linear_attention(q, k, v, *, log_decay=None, causal: bool = True, scale: flo
   implementation = backend_lib.static_implementation(implementation)
   if chunk_size is not None:
     implementation = backend_lib.with_config_fields(OP, BACKENDS, DEFAULTS, implementation, call, chunk_size=chunk_size)
-  out, state = _run(q, k, v, log_decay, initial_state, implementation=implementation, call=call)
+  out, state = _run(q, k, v, log_decay, initial_state, implementation=implementation, call=call,
+                    platform=backend_lib.platform())
   return (out, state) if return_final_state else out
 
 
-@functools.partial(jax.jit, static_argnames=("implementation", "call"))
-def _run(q, k, v, log_decay, initial_state, *, implementation, call: LinearCall):
+@functools.partial(jax.jit, static_argnames=("implementation", "call", "platform"))
+def _run(q, k, v, log_decay, initial_state, *, implementation, call: LinearCall, platform: str):
+  del platform  # a cache key: dispatch and the kernels' interpret mode depend on it (use_platform)
   # jit here so eager calls compile once per (shapes, call, implementation), not on every call; inlined under an
   # outer jit.
   return backend_lib.dispatch(OP, BACKENDS, implementation, DEFAULTS, call, (q, k, v, log_decay, initial_state))

@@ -114,11 +114,12 @@ def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_
   call = BlockSparseCall(B=B, T=T, S=S, H=H, G=k.shape[2], D=D, E=v.shape[-1], K=int(idx.shape[-1]),
                          dtype=jnp.dtype(q.dtype).name, block_q=block_q, block_k=block_k, mask=mask, scale=scale)
   implementation = backend_lib.static_implementation(implementation)
-  return _run(q, k, v, idx, cnt, implementation=implementation, call=call)
+  return _run(q, k, v, idx, cnt, implementation=implementation, call=call, platform=backend_lib.platform())
 
 
-@functools.partial(jax.jit, static_argnames=("implementation", "call"))
-def _run(q, k, v, idx, cnt, *, implementation, call: BlockSparseCall):
+@functools.partial(jax.jit, static_argnames=("implementation", "call", "platform"))
+def _run(q, k, v, idx, cnt, *, implementation, call: BlockSparseCall, platform: str):
+  del platform  # a cache key: dispatch and the kernels' interpret mode depend on it (use_platform)
   # Lists that could not be checked (traced): out-of-range entries are dropped, counts clamped to [0, K].
   idx, cnt = sanitize_block_lists(idx, cnt, -(-call.S // call.block_k))
   return backend_lib.dispatch(OP, BACKENDS, implementation, DEFAULTS, call, (q, k, v, idx, cnt))
