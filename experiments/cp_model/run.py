@@ -18,7 +18,6 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import time

@@ -26,7 +26,6 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json

@@ -7,7 +7,6 @@ resolves one with :func:`resolve_backend` and calls its ``fwd`` / ``bwd`` per ri
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import jax
 import jax.numpy as jnp
