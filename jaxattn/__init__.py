@@ -13,12 +13,16 @@ Public surface::
     jaxattn.masks      # static mask algebra (Full, Causal, Local, Slices, BlockSparse, generators)
     jaxattn.testing    # tolerance table, random inputs, assertions, CAB conformance checks
     jaxattn.parallel   # context parallelism: ring (zigzag), all-gather, Ulysses, USP, linear state passing
+    jaxattn.sparse     # training-free sparse prefill: vertical-slash, FlexPrefill, block top-k, attention recall
+    jaxattn.cache      # KV cache for batched decoding; StreamingLLM, H2O, SnapKV, Ada-SnapKV, Quest, recycled attention
     jaxattn.nn         # Flax NNX modules (imports flax; import it explicitly)
 """
 
 from jaxattn import backend as backend
+from jaxattn import cache as cache
 from jaxattn import masks as masks
 from jaxattn import parallel as parallel
+from jaxattn import sparse as sparse
 from jaxattn import testing as testing
 from jaxattn.ops.landmark import landmark_attention as landmark_attention
 from jaxattn.ops.linear import linear_attention as linear_attention

@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from jaxattn.masks import Causal, Full, Local, Mask
+from jaxattn.masks import Causal, Full, Local, Mask, PerHead
 from jaxattn.nn._checks import head_layout, positive_int
 from jaxattn.nn.rope import apply_rope
 from jaxattn.ops.softmax.api import softmax_attention
@@ -55,6 +55,16 @@ def _decode_band(mask: Mask | None) -> tuple[int | None, int]:
       raise ValueError(f"{mask!r} allows no past or current key, so it cannot be used with decode=True")
     return lo, hi
   raise ValueError(f"decode=True supports Full, Causal and Local masks (translation invariant), got {mask!r}")
+
+
+def _call_mask(mask):
+  """A call's ``mask``: a ``Mask``, per-head masks (-> ``PerHead``) or a boolean array (checked by the op)."""
+  if isinstance(mask, Mask) or hasattr(mask, "dtype"):
+    return mask
+  if isinstance(mask, (list, tuple)) and mask and all(isinstance(m, Mask) for m in mask):
+    return PerHead(tuple(mask))
+  raise ValueError(f"mask must be a jaxattn.masks.Mask, a sequence of per-head Masks, a boolean array "
+                   f"broadcastable to [B, H, T, S] or None, got {type(mask).__name__}")
 
 
 class MultiHeadAttention(nnx.Module):
@@ -83,7 +93,8 @@ class MultiHeadAttention(nnx.Module):
     in_kv_features: feature size of ``context`` for cross-attention (default ``in_features``).
     use_rope: rotate queries and keys with RoPE (self-attention only; ``D`` must be even).
     rope_base: the RoPE wavelength base.
-    mask: the default static :mod:`jaxattn.masks` mask, e.g. ``masks.Causal()`` for a decoder (None: full).
+    mask: the default static :mod:`jaxattn.masks` mask, e.g. ``masks.Causal()`` for a decoder, or a sequence of
+      ``num_heads`` per-head masks (None: full). Boolean mask arrays are passed per call.
     scale: logit scale (default ``D ** -0.5``).
     logits_soft_cap: if set, logits become ``cap * tanh(logits / cap)``.
     implementation: passed to :func:`jaxattn.softmax_attention`: a backend name, ``(name, Config)`` or a sequence
@@ -121,7 +132,13 @@ class MultiHeadAttention(nnx.Module):
     if not (isinstance(rope_base, (int, float)) and rope_base > 0):
       raise ValueError(f"rope_base must be a positive float, got {rope_base!r}")
     if mask is not None and not isinstance(mask, Mask):
-      raise ValueError(f"mask must be a jaxattn.masks.Mask or None, got {type(mask).__name__}")
+      if isinstance(mask, (list, tuple)) and mask and all(isinstance(m, Mask) for m in mask):
+        mask = PerHead(tuple(mask))
+      else:
+        raise ValueError(f"mask must be a jaxattn.masks.Mask, a sequence of per-head Masks or None, got "
+                         f"{type(mask).__name__} (boolean mask arrays are per call: pass them to __call__)")
+    if isinstance(mask, PerHead) and mask.num_heads != self.num_heads:
+      raise ValueError(f"mask has {mask.num_heads} per-head masks, but the module has num_heads={self.num_heads}")
     if scale is not None and not (isinstance(scale, (int, float)) and np.isfinite(scale)):
       raise ValueError(f"scale must be a finite float or None, got {scale!r}")
     if logits_soft_cap is not None and not (isinstance(logits_soft_cap, (int, float)) and logits_soft_cap > 0):
@@ -184,9 +201,11 @@ class MultiHeadAttention(nnx.Module):
     Args:
       x: inputs ``[B, T, in_features]`` (queries; also keys and values for self-attention).
       context: ``[B, S, in_kv_features]`` for cross-attention (keys and values), or None.
-      mask: a static mask overriding the module's default for this call (pass ``masks.Full()`` to disable a
-        default mask). With ``decode=True`` only ``Full``, ``Causal`` and ``Local`` masks are allowed; decoding is
-        always causal on top.
+      mask: overrides the module's default mask for this call (pass ``masks.Full()`` to disable a default
+        mask): a static :mod:`jaxattn.masks` mask, a sequence of ``H`` per-head masks (or ``masks.PerHead``), or a
+        boolean array broadcastable to ``[B, H, T, S]`` (True = attend; as ``jax.nn.dot_product_attention``,
+        served by the ``xla`` / ``reference`` backends). With ``decode=True`` only ``Full``, ``Causal`` and
+        ``Local`` masks are allowed; decoding is always causal on top.
       segment_ids: ``[B, T]`` (self-attention) or ``(q_ids [B, T], kv_ids [B, S])``: attend only within equal ids.
         Not supported with ``decode=True``.
       positions: RoPE positions ``[B, T]`` or ``[T]`` (default ``arange(T)``, or ``cache_index + arange(T)``
@@ -217,9 +236,7 @@ class MultiHeadAttention(nnx.Module):
       if self.use_rope:
         raise ValueError("use_rope applies to self-attention; call with context=None or build the module "
                          "with use_rope=False for cross-attention")
-    if mask is not None and not isinstance(mask, Mask):
-      raise ValueError(f"mask must be a jaxattn.masks.Mask or None, got {type(mask).__name__}")
-    mask = self.mask if mask is None else mask
+    mask = self.mask if mask is None else _call_mask(mask)
     drop = self._dropout_args(deterministic, rngs)
 
     src = x if context is None else context
@@ -232,6 +249,9 @@ class MultiHeadAttention(nnx.Module):
         raise ValueError("decode=True is for causal self-attention; context must be None")
       if segment_ids is not None:
         raise ValueError("segment_ids are not supported with decode=True")
+      if not isinstance(mask, (Mask, type(None))) or isinstance(mask, PerHead):
+        raise ValueError("decode=True supports Full, Causal and Local masks (translation invariant), got a "
+                         f"{type(mask).__name__} mask")
       out = self._decode(q, k, v, mask, positions, drop)
     else:
       if self.use_rope:

@@ -80,8 +80,8 @@ def _dense_jit(params, m: _Cfg, x, context, allowed, positions):
   s = ein("bthd,bshd->bhts", q, k) * scale  # [B, H, T, S]
   if m.logits_soft_cap is not None:
     s = m.logits_soft_cap * jnp.tanh(s / m.logits_soft_cap)
-  if allowed is not None:
-    s = jnp.where(allowed[:, None], s, -jnp.inf)
+  if allowed is not None:  # [B|1, T, S], or per head [B|1, H, T, S]
+    s = jnp.where(allowed if allowed.ndim == 4 else allowed[:, None], s, -jnp.inf)
   mx = jnp.max(s, -1, keepdims=True)
   p = jnp.exp(s - jnp.where(jnp.isfinite(mx), mx, 0.0))
   l = p.sum(-1, keepdims=True)
@@ -134,6 +134,35 @@ def test_call_time_mask_overrides_default():
   testing.assert_close(apply(m, x, mask=masks.Full()), _dense(p, m, x), name="Full override")
   local = masks.Local(2, 1)
   testing.assert_close(apply(m, x, mask=local), _dense(p, m, x, allowed=_allowed(local, T, T)), name="Local")
+
+
+def test_per_head_and_boolean_array_masks():
+  """Per-head static masks (constructor default or per call) and a jax.nn-style boolean mask array per call."""
+  H = 4
+  heads = (masks.Causal(), masks.Local(2, 0), masks.Full(), masks.Local(1, 1))
+  m = MultiHeadAttention(H, F, num_kv_heads=2, mask=heads, rngs=nnx.Rngs(0))
+  assert isinstance(m.mask, masks.PerHead)
+  x, p = _x(), _params(m)
+  per_head = jnp.stack([jnp.asarray(h.to_dense(T, T)) for h in heads])[None]  # [1, H, T, T]
+  testing.assert_close(apply(m, x), _dense(p, m, x, allowed=per_head), name="per-head default")
+  testing.assert_close(apply(m, x, mask=masks.PerHead(heads[::-1])),
+                       _dense(p, m, x, allowed=per_head[:, ::-1]), name="per-head call")
+  # a boolean array [B, 1, T, S] with one fully masked row (-> 0 before the output projection's bias)
+  allowed = np.random.default_rng(3).random((B, 1, T, T)) < 0.6
+  allowed[0, 0, 2] = False
+  allowed = jnp.asarray(allowed)
+  out = nnx.jit(lambda m, x, a: m(x, mask=a))(m, x, allowed)
+  testing.assert_close(out, _dense(p, m, x, allowed=jnp.broadcast_to(allowed, (B, H, T, T))), name="bool array")
+  assert bool(jnp.all(jnp.isfinite(out)))
+  with pytest.raises(ValueError, match="mask has 3 per-head masks, but the module has num_heads=4"):
+    MultiHeadAttention(H, F, mask=heads[:3], rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="mask array must be boolean"):
+    m(x, mask=allowed.astype(jnp.int32))
+  m.init_cache(B, 16)
+  with pytest.raises(ValueError, match="decode=True supports Full, Causal and Local masks .* ArrayImpl"):
+    m(x[:, :1], mask=allowed[:, :, :1], decode=True)
+  with pytest.raises(ValueError, match="decode=True supports Full, Causal and Local masks .* PerHead"):
+    m(x[:, :1], decode=True)
 
 
 def test_segment_ids_at_call_time():
