@@ -34,10 +34,11 @@ def test_supports_refusal_falls_back_with_one_warning():
   bias = jax.random.normal(jax.random.key(1), (24, 24))
   with warnings.catch_warnings(record=True) as record:
     warnings.simplefilter("always")
-    out = jaxattn.softmax_attention(q, k, v, bias=bias, mask=masks.Causal(), implementation=("pallas_gpu", "xla"))
+    out = jaxattn.softmax_attention(q, k, v, bias=bias, mask=jnp.tril(jnp.ones((24, 24), bool)),
+                                    implementation=("pallas_gpu", "xla"))
   msgs = _fallbacks(record)
   assert len(msgs) == 1, msgs
-  assert "'pallas_gpu'" in msgs[0] and "does not support bias" in msgs[0]
+  assert "'pallas_gpu'" in msgs[0] and "does not take boolean mask arrays" in msgs[0]
   testing.assert_close(out, _ref(q, k, v, bias=bias, mask=masks.Causal()))
 
 
@@ -88,8 +89,8 @@ def test_trial_compile_skipped_on_cpu_and_other_errors_raise(tight):
 
 def test_explicit_name_raises():
   q, k, v = _qkv(4, 16)
-  with pytest.raises(NotImplementedError, match=r"'pallas_tpu' cannot serve this call: pallas_tpu does not support"):
-    jaxattn.softmax_attention(q, k, v, bias=jnp.ones((16, 16)), implementation="pallas_tpu")
+  with pytest.raises(NotImplementedError, match=r"'pallas_tpu' cannot serve this call: pallas_tpu does not take"):
+    jaxattn.softmax_attention(q, k, v, mask=jnp.ones((16, 16), bool), implementation="pallas_tpu")
   with pytest.raises(NotImplementedError, match="cudnn needs a GPU"):
     jaxattn.softmax_attention(q, k, v, implementation="cudnn")
   with pytest.raises(ValueError, match="unknown implementation 'flash'"):

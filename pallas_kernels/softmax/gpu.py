@@ -20,6 +20,12 @@ sums the ``H // G`` query heads of its kv head in-kernel.
 Numerics: logits in f32, online softmax in base 2 (``exp2``), f32 accumulators, output in q's dtype,
 ``lse [B, H, T]`` natural log f32. A row with no allowed key gives output 0, lse ``-inf`` and zero gradients.
 Soft cap: ``s = cap * tanh(scale * q.k / cap)``; the backward multiplies by ``1 - tanh^2``.
+
+Bias (optional, every kernel): an additive ``[Bb, Hb, T, S]`` bias (``Bb in {1, B}``, ``Hb in {1, H}`` query
+heads; size-1 dims are never materialised, the index maps read their block 0) enters after the scale and before
+the soft cap: ``s = cap * tanh((scale * q.k + bias) / cap)``. Each visited tile loads its ``[bq, bk]`` bias slice.
+:func:`flash_backward_dq_dbias` also writes ``dS`` (the pre-cap logits' gradient) per visited tile: see
+:mod:`pallas_kernels.softmax.bias`.
 """
 
 from __future__ import annotations
@@ -35,9 +41,10 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import LN2, LOG2E, MAX_HEAD_DIM, NN, NT, TN, is_pow2, padded_head_dim
 from pallas_kernels.common.nonfinite import backward_operands, forward_operands
+from pallas_kernels.softmax.bias import check_bias, pad_bias, zero_unvisited
 
-__all__ = ["block_rule", "num_warps_rule", "num_stages_rule", "BlockLists", "flash_forward", "flash_backward_dq", "flash_backward_dkv",
-           "supported_head_dim", "padded_head_dim"]
+__all__ = ["block_rule", "num_warps_rule", "num_stages_rule", "BlockLists", "flash_forward", "flash_backward_dq",
+           "flash_backward_dq_dbias", "flash_backward_dkv", "supported_head_dim", "padded_head_dim"]
 
 
 # ------------------------------------------------------------------------------ launch-parameter rules (plain ints)
@@ -97,12 +104,13 @@ def _dot(a, b, dims):
   return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=jnp.float32)
 
 
-def _logits(q, k, *, scale, soft_cap):
-  """Base-2 logits ``[bq, bk]`` (f32) and ``tanh`` of the capped logits (or None)."""
+def _logits(q, k, bias=None, *, scale, soft_cap):
+  """Base-2 logits ``[bq, bk]`` (f32) and ``tanh`` of the capped logits (or None); ``bias`` (f32 ``[bq, bk]`` or
+  None) is added after the scale, before the cap."""
   s = _dot(q, k, NT)
   if soft_cap is None:
-    return s * (scale * LOG2E), None
-  t = jnp.tanh(s * (scale / soft_cap))
+    return (s * (scale * LOG2E) if bias is None else (s * scale + bias) * LOG2E), None
+  t = jnp.tanh(s * (scale / soft_cap) if bias is None else (s * scale + bias) * (1.0 / soft_cap))
   return t * (soft_cap * LOG2E), t
 
 
@@ -155,13 +163,25 @@ def _prep_tiles(tiles):
   return None if tiles is None else jnp.asarray(tiles).astype(jnp.int8)
 
 
+def _bias_rows(bias, name, B, H, T, S, Tp, Sp, block_q, qb):
+  """``(BlockSpec, padded bias)`` of a grid ``(query block i, batch x head bh)`` kernel: the ``[block_q, Sp]``
+  row strip of ``bias [Bb, Hb, T, S]`` (broadcast dims read block 0); ``(None, None)`` without a bias."""
+  if bias is None:
+    return None, None
+  Bb, Hb = check_bias(name, bias, B, H, T, S)
+  bsel = (lambda bh: bh // H) if Bb > 1 else (lambda bh: 0)
+  hsel = (lambda bh: bh % H) if Hb > 1 else (lambda bh: 0)
+  spec = pl.BlockSpec((None, None, block_q, Sp), lambda i, bh: (bsel(bh), hsel(bh), qb(i), 0))
+  return spec, pad_bias(bias, Tp, Sp)
+
+
 def _params(num_warps, num_stages):
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
 # ----------------------------------------------------------------------------------------------------- forward
-def _fwd_kernel(q_ref, k_ref, v_ref, qid_ref, kid_ref, idx_ref, cnt_ref, tid_ref, tiles_ref, o_ref, lse_ref, *,
-                scale, soft_cap, block_k, num_q_blocks, kv_len):
+def _fwd_kernel(q_ref, k_ref, v_ref, qid_ref, kid_ref, idx_ref, cnt_ref, tid_ref, tiles_ref, bias_ref, o_ref,
+                lse_ref, *, scale, soft_cap, block_k, num_q_blocks, kv_len):
   qb = num_q_blocks - 1 - pl.program_id(0)  # heaviest (causal) query blocks first
   q = q_ref[...]  # [bq, Dp]
   bq = q.shape[0]
@@ -173,7 +193,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qid_ref, kid_ref, idx_ref, cnt_ref, tid_ref
     acc, m, l = carry
     col0 = pl.multiple_of(idx_ref[n] * block_k, block_k)
     ks = pl.ds(col0, block_k)
-    s, _ = _logits(q, k_ref[ks, :], scale=scale, soft_cap=soft_cap)
+    bias = None if bias_ref is None else bias_ref[:, ks].astype(jnp.float32)
+    s, _ = _logits(q, k_ref[ks, :], bias, scale=scale, soft_cap=soft_cap)
     keep = _allowed(s.shape, qid=qid, kid=None if kid_ref is None else kid_ref[ks], tiles_ref=tiles_ref,
                     tile_id=None if tid_ref is None else tid_ref[n], col0=col0, kv_len=kv_len)
     if keep is not None:
@@ -198,7 +219,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qid_ref, kid_ref, idx_ref, cnt_ref, tid_ref
 
 
 def flash_forward(q, k, v, q_ids, kv_ids, lists: BlockLists, tiles, *, block_q: int, block_k: int, scale: float,
-                  soft_cap: float | None = None, num_warps: int | None = None, num_stages: int = 3,
+                  soft_cap: float | None = None, bias=None, num_warps: int | None = None, num_stages: int = 3,
                   interpret: bool = False):
   """Forward pass over the visited blocks.
 
@@ -209,6 +230,7 @@ def flash_forward(q, k, v, q_ids, kv_ids, lists: BlockLists, tiles, *, block_q: 
     tiles: ``[U, block_q, block_k]`` bool/int8 partial-block patterns (``tiles[0]`` unused), or None.
     block_q, block_k: the tile the lists were built for.
     scale: logit scale; soft_cap: None or the cap.
+    bias: None or an additive ``[1|B, 1|H, T, S]`` float bias (after the scale, before the cap).
     num_warps: None picks 4 for head dims <= 64, else 8.
     interpret: run the kernel in Pallas interpret mode (CPU).
 
@@ -223,6 +245,7 @@ def flash_forward(q, k, v, q_ids, kv_ids, lists: BlockLists, tiles, *, block_q: 
   Bl, Hl = _check_lists("flash_forward", lists, B, H, nq, tiles, (block_q, block_k))
   K = lists.index.shape[-1]
   has_ids = q_ids is not None
+  bias_spec, bias = _bias_rows(bias, "flash_forward", B, H, T, S, Tp, Sp, block_q, lambda i: nq - 1 - i)
 
   q, k, v = forward_operands(q, k, v)  # non-finite inputs reach allowed pairs only (pallas_kernels.common.nonfinite)
   qp = _pad_to(_pad_to(q, 1, Tp), 3, Dp)
@@ -245,6 +268,7 @@ def flash_forward(q, k, v, q_ids, kv_ids, lists: BlockLists, tiles, *, block_q: 
       pl.BlockSpec((None, None, nq), lambda i, bh: (bsel(bh), hsel(bh), 0)),
       None if tiles is None else pl.BlockSpec((None, None, None, K), lambda i, bh: (bsel(bh), hsel(bh), qb(i), 0)),
       None if tiles is None else pl.BlockSpec(tiles.shape, lambda i, bh: (0, 0, 0)),
+      bias_spec,
   ]
   out_specs = [
       pl.BlockSpec((None, block_q, None, Ep), lambda i, bh: (bh // H, qb(i), bh % H, 0)),
@@ -261,13 +285,15 @@ def flash_forward(q, k, v, q_ids, kv_ids, lists: BlockLists, tiles, *, block_q: 
       compiler_params=_params(num_warps if num_warps is not None else (4 if Dp <= 64 else 8), num_stages),
       interpret=interpret,
       name="jaxattn_flash_fwd",
-  )(qp, kp, vp, qid, kid, lists.index, lists.count, lists.tile, tiles)
+  )(qp, kp, vp, qid, kid, lists.index, lists.count, lists.tile, tiles, bias)
   return out[:, :T, :, :E], lse[:, :, :T]
 
 
 # ------------------------------------------------------------------------------------------------------ dq pass
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qid_ref, kid_ref, idx_ref, cnt_ref, tid_ref,
-               tiles_ref, dq_ref, *, scale, soft_cap, block_k, num_q_blocks, kv_len):
+               tiles_ref, bias_ref, *out_refs, scale, soft_cap, block_k, num_q_blocks, kv_len, with_dq, with_dbias):
+  dq_ref = out_refs[0] if with_dq else None
+  db_ref = out_refs[-1] if with_dbias else None
   qb = num_q_blocks - 1 - pl.program_id(0)
   q, do = q_ref[...], do_ref[...]  # [bq, Dp], [bq, Ep]
   lse2, delta = lse_ref[...], delta_ref[...]  # [bq] base-2 lse (-inf replaced by 0), [bq]
@@ -277,7 +303,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qid_ref, kid_ref
     col0 = pl.multiple_of(idx_ref[n] * block_k, block_k)
     ks = pl.ds(col0, block_k)
     k, v = k_ref[ks, :], v_ref[ks, :]
-    s, t = _logits(q, k, scale=scale, soft_cap=soft_cap)
+    bias = None if bias_ref is None else bias_ref[:, ks].astype(jnp.float32)
+    s, t = _logits(q, k, bias, scale=scale, soft_cap=soft_cap)
     keep = _allowed(s.shape, qid=qid, kid=None if kid_ref is None else kid_ref[ks], tiles_ref=tiles_ref,
                     tile_id=None if tid_ref is None else tid_ref[n], col0=col0, kv_len=kv_len)
     if keep is not None:
@@ -289,10 +316,16 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qid_ref, kid_ref
       ds = ds * (1.0 - t * t)
     if keep is not None:  # masked entries are exact zeros, also in a row whose lse / delta is NaN
       ds = jnp.where(keep, ds, 0.0)
+    if db_ref is not None:  # dS is the gradient of the pre-cap logits, i.e. of the bias
+      db_ref[:, ks] = ds.astype(db_ref.dtype)
+    if dq_ref is None:
+      return dq
     return dq + _dot(ds.astype(k.dtype), k, NN)
 
-  dq = lax.fori_loop(0, cnt_ref[qb], body, jnp.zeros(q.shape, jnp.float32))
-  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+  init = jnp.zeros(q.shape, jnp.float32) if with_dq else jnp.zeros((), jnp.float32)
+  dq = lax.fori_loop(0, cnt_ref[qb], body, init)
+  if dq_ref is not None:
+    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
 def _lse2(lse):
@@ -301,8 +334,8 @@ def _lse2(lse):
 
 
 def flash_backward_dq(q, k, v, q_ids, kv_ids, do, lse, delta, lists: BlockLists, tiles, *, block_q: int,
-                      block_k: int, scale: float, soft_cap: float | None = None, num_warps: int | None = None,
-                      num_stages: int = 2, interpret: bool = False):
+                      block_k: int, scale: float, soft_cap: float | None = None, bias=None,
+                      num_warps: int | None = None, num_stages: int = 2, interpret: bool = False):
   """``dq [B, T, H, D]`` (q's dtype) over the visited blocks.
 
   Args:
@@ -310,16 +343,51 @@ def flash_backward_dq(q, k, v, q_ids, kv_ids, do, lse, delta, lists: BlockLists,
     lse: ``[B, H, T]`` f32 from :func:`flash_forward`.
     delta: ``[B, H, T]`` f32, ``sum_e do * out - dlse`` (the softmax Jacobian's row term).
     lists, tiles: as :func:`flash_forward` for the ``(block_q, block_k)`` dq tile.
+    bias: as :func:`flash_forward` (not differentiated here: see :func:`flash_backward_dq_dbias`).
     Other args as :func:`flash_forward`.
   """
+  dq, _ = _dq_call(q, k, v, q_ids, kv_ids, do, lse, delta, lists, tiles, bias, block_q=block_q, block_k=block_k,
+                   scale=scale, soft_cap=soft_cap, with_dq=True, dbias_dtype=None, num_warps=num_warps,
+                   num_stages=num_stages, interpret=interpret)
+  return dq
+
+
+def flash_backward_dq_dbias(q, k, v, q_ids, kv_ids, do, lse, delta, lists: BlockLists, tiles, bias, *,
+                            block_q: int, block_k: int, scale: float, soft_cap: float | None = None,
+                            with_dq: bool = True, dbias_dtype=jnp.float32, num_warps: int | None = None,
+                            num_stages: int = 2, interpret: bool = False):
+  """``(dq [B, T, H, D] or None, dS [B, H, T, S])``: the dq kernel also writing the bias gradient per tile.
+
+  ``dS = P * (dP - delta)`` (times ``1 - tanh^2`` with a soft cap) is the gradient of the pre-cap logits, hence of
+  an additive bias before any summing over its broadcast dims (the caller sums, e.g. with
+  :func:`pallas_kernels.softmax.bias.reduce_to`). Masked pairs and the blocks the lists skip are 0.
+
+  Args:
+    bias: ``[1|B, 1|H, T, S]`` float.
+    with_dq: False skips the ``dS @ K`` product and the dq output (only the bias is differentiated).
+    dbias_dtype: dtype of ``dS`` (f32 when it will be summed over broadcast dims).
+    Other args as :func:`flash_backward_dq`.
+  """
+  return _dq_call(q, k, v, q_ids, kv_ids, do, lse, delta, lists, tiles, bias, block_q=block_q, block_k=block_k,
+                  scale=scale, soft_cap=soft_cap, with_dq=with_dq, dbias_dtype=jnp.dtype(dbias_dtype),
+                  num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+
+
+def _dq_call(q, k, v, q_ids, kv_ids, do, lse, delta, lists: BlockLists, tiles, bias, *, block_q, block_k, scale,
+             soft_cap, with_dq, dbias_dtype, num_warps, num_stages, interpret):
   B, T, H, D = q.shape
   _, S, G, E = v.shape
   R = H // G
   nq, nk = pl.cdiv(T, block_q), pl.cdiv(S, block_k)
   Tp, Sp, Dp, Ep = nq * block_q, nk * block_k, padded_head_dim(D), padded_head_dim(E)
-  Bl, Hl = _check_lists("flash_backward_dq", lists, B, H, nq, tiles, (block_q, block_k))
+  name = "flash_backward_dq" if dbias_dtype is None else "flash_backward_dq_dbias"
+  Bl, Hl = _check_lists(name, lists, B, H, nq, tiles, (block_q, block_k))
   K = lists.index.shape[-1]
   has_ids = q_ids is not None
+  with_dbias = dbias_dtype is not None
+  if with_dbias and bias is None:
+    raise ValueError(f"{name}: the bias gradient needs the bias")
+  bias_spec, biasp = _bias_rows(bias, name, B, H, T, S, Tp, Sp, block_q, lambda i: nq - 1 - i)
 
   q, k, v = backward_operands(q, k, v)  # zeroed; poisoned rows carry NaN in lse / delta
   qp = _pad_to(_pad_to(q, 1, Tp), 3, Dp)
@@ -347,25 +415,37 @@ def flash_backward_dq(q, k, v, q_ids, kv_ids, do, lse, delta, lists: BlockLists,
       pl.BlockSpec((None, None, nq), lambda i, bh: (bsel(bh), hsel(bh), 0)),
       None if tiles is None else listspec,
       None if tiles is None else pl.BlockSpec(tiles.shape, lambda i, bh: (0, 0, 0)),
+      bias_spec,
   ]
+  out_specs, out_shape = [], []
+  if with_dq:
+    out_specs.append(qspec(Dp))
+    out_shape.append(jax.ShapeDtypeStruct((B, Tp, H, Dp), q.dtype))
+  if with_dbias:  # per query head, one [block_q, Sp] row strip per program (only visited tiles are written)
+    out_specs.append(pl.BlockSpec((None, None, block_q, Sp), lambda i, bh: (bh // H, bh % H, qb(i), 0)))
+    out_shape.append(jax.ShapeDtypeStruct((B, H, Tp, Sp), dbias_dtype))
   kernel = functools.partial(_dq_kernel, scale=scale, soft_cap=soft_cap, block_k=block_k, num_q_blocks=nq,
-                             kv_len=S if (tiles is None and S != Sp) else None)
-  dq = pl.pallas_call(
+                             kv_len=S if (tiles is None and S != Sp) else None, with_dq=with_dq,
+                             with_dbias=with_dbias)
+  outs = pl.pallas_call(
       kernel,
       grid=(nq, B * H),
       in_specs=in_specs,
-      out_specs=qspec(Dp),
-      out_shape=jax.ShapeDtypeStruct((B, Tp, H, Dp), q.dtype),
+      out_specs=out_specs,
+      out_shape=out_shape,
       compiler_params=_params(num_warps if num_warps is not None else (4 if Dp <= 64 else 8), num_stages),
       interpret=interpret,
-      name="jaxattn_flash_bwd_dq",
-  )(qp, kp, vp, dop, lse2, deltap, qid, kid, lists.index, lists.count, lists.tile, tiles)
-  return dq[:, :T, :, :D]
+      name="jaxattn_flash_bwd_dq" + ("_dbias" if with_dbias else ""),
+  )(qp, kp, vp, dop, lse2, deltap, qid, kid, lists.index, lists.count, lists.tile, tiles, biasp)
+  dq = outs[0][:, :T, :, :D] if with_dq else None
+  ds = zero_unvisited(outs[-1], lists.index, lists.count, block_q, block_k, T, S) if with_dbias else None
+  return dq, ds
 
 
 # --------------------------------------------------------------------------------------------------- dk/dv pass
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qid_ref, kid_ref, idx_ref, cnt_ref, tid_ref,
-                tiles_ref, dk_ref, dv_ref, *, scale, soft_cap, block_q, rep, per_head_lists, kv_len):
+                tiles_ref, bias_ref, dk_ref, dv_ref, *, scale, soft_cap, block_q, rep, per_head_lists, per_head_bias,
+                kv_len):
   kb = pl.program_id(0)
   k, v = k_ref[...], v_ref[...]  # [bk, Dp], [bk, Ep]
   bk = k.shape[0]
@@ -380,7 +460,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qid_ref, kid_re
       qs = pl.ds(pl.multiple_of(idx_ref[lr, n] * block_q, block_q), block_q)
       q, do = q_ref[qs, r, :], do_ref[qs, r, :]
       lse2, delta = lse_ref[r, qs], delta_ref[r, qs]
-      s, t = _logits(q, k, scale=scale, soft_cap=soft_cap)
+      bias = None
+      if bias_ref is not None:  # [bq, bk] of query head g * R + r (or of the broadcast head)
+        bias = (bias_ref[r, qs, :] if per_head_bias else bias_ref[qs, :]).astype(jnp.float32)
+      s, t = _logits(q, k, bias, scale=scale, soft_cap=soft_cap)
       keep = _allowed(s.shape, qid=None if qid_ref is None else qid_ref[qs], kid=kid, tiles_ref=tiles_ref,
                       tile_id=None if tid_ref is None else tid_ref[lr, n], col0=col0, kv_len=kv_len)
       if keep is not None:
@@ -407,8 +490,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qid_ref, kid_re
 
 
 def flash_backward_dkv(q, k, v, q_ids, kv_ids, do, lse, delta, lists_t: BlockLists, tiles, *, block_q: int,
-                       block_k: int, scale: float, soft_cap: float | None = None, num_warps: int | None = None,
-                       num_stages: int = 2, interpret: bool = False):
+                       block_k: int, scale: float, soft_cap: float | None = None, bias=None,
+                       num_warps: int | None = None, num_stages: int = 2, interpret: bool = False):
   """``dk [B, S, G, D]``, ``dv [B, S, G, E]`` (k's / v's dtype) over the visited blocks.
 
   One program per (kv block, batch x kv head) loops over the ``H // G`` query heads sharing the kv head and, for
@@ -418,6 +501,8 @@ def flash_backward_dkv(q, k, v, q_ids, kv_ids, do, lse, delta, lists_t: BlockLis
     lists_t: transposed :class:`BlockLists`: ``index [Bl, Hl, nK, Kt]`` query blocks per kv block
       (``nK = ceil(S / block_k)``), ``Hl`` indexing query heads as in the forward lists.
     tiles: ``[U, block_q, block_k]`` (same orientation as the forward: query rows x key columns), or None.
+    bias: as :func:`flash_forward`; read as ``[Tp, block_k]`` column strips (the ``R`` query heads of the kv head,
+      or the broadcast head).
     Other args as :func:`flash_backward_dq`.
   """
   B, T, H, D = q.shape
@@ -428,6 +513,7 @@ def flash_backward_dkv(q, k, v, q_ids, kv_ids, do, lse, delta, lists_t: BlockLis
   Bl, Hl = _check_lists("flash_backward_dkv", lists_t, B, H, nk, tiles, (block_q, block_k))
   Kt = lists_t.index.shape[-1]
   has_ids = q_ids is not None
+  Bb, Hb = (1, 1) if bias is None else check_bias("flash_backward_dkv", bias, B, H, T, S)
 
   q, k, v = backward_operands(q, k, v)  # zeroed; poisoned rows carry NaN in lse / delta
   qp = _pad_to(_pad_to(q, 1, Tp), 3, Dp)
@@ -456,9 +542,19 @@ def flash_backward_dkv(q, k, v, q_ids, kv_ids, do, lse, delta, lists_t: BlockLis
       pl.BlockSpec((None, hl, nk), lambda j, bg: (bsel(bg), hsel(bg), 0)),
       None if tiles is None else listspec,
       None if tiles is None else pl.BlockSpec(tiles.shape, lambda j, bg: (0, 0, 0)),
+      None,
   ]
+  biasp = None
+  if bias is not None:  # column strips [Tp, block_k]: the R query heads of kv head g, or block 0 of a size-1 dim
+    bbsel = (lambda bg: bg // G) if Bb > 1 else (lambda bg: 0)
+    if Hb > 1:
+      in_specs[-1] = pl.BlockSpec((None, R, Tp, block_k), lambda j, bg: (bbsel(bg), bg % G, 0, j))
+    else:
+      in_specs[-1] = pl.BlockSpec((None, None, Tp, block_k), lambda j, bg: (bbsel(bg), 0, 0, j))
+    biasp = pad_bias(bias, Tp, Sp)
   kernel = functools.partial(_dkv_kernel, scale=scale, soft_cap=soft_cap, block_q=block_q, rep=R,
-                             per_head_lists=Hl > 1, kv_len=S if (tiles is None and S != Sp) else None)
+                             per_head_lists=Hl > 1, per_head_bias=Hb > 1,
+                             kv_len=S if (tiles is None and S != Sp) else None)
   dk, dv = pl.pallas_call(
       kernel,
       grid=(nk, B * G),
@@ -469,5 +565,5 @@ def flash_backward_dkv(q, k, v, q_ids, kv_ids, do, lse, delta, lists_t: BlockLis
                               num_stages),
       interpret=interpret,
       name="jaxattn_flash_bwd_dkv",
-  )(qp, kp, vp, dop, lse2, deltap, qid, kid, lists_t.index, lists_t.count, lists_t.tile, tiles)
+  )(qp, kp, vp, dop, lse2, deltap, qid, kid, lists_t.index, lists_t.count, lists_t.tile, tiles, biasp)
   return dk[:, :S, :, :D], dv[:, :S, :, :E]

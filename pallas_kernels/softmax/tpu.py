@@ -28,6 +28,12 @@ T and S are zero-padded to whole blocks outside the kernels (``jnp.pad``); padde
 dq kernels (by the tiles, or by an iota bound on the last kv block when lists come without tiles); padded query rows
 are dropped, and zero padding contributes nothing to dk/dv.
 
+Bias (optional, every kernel): an additive ``[Bb, Hb, T, S]`` bias (``Bb in {1, B}``, ``Hb in {1, H}`` query heads;
+a size-1 dim is read at block 0 by the index maps, never materialised) is added after the scale and before the soft
+cap, one ``(bq, bk)`` block per visited step (the dk/dv kernel transposes it in VMEM, so there ``block_k`` is a lane
+dim of the bias block too). :func:`flash_attention_bwd_dq_dbias` also writes ``dS`` per visited block into a
+``[B, H, Tp, Sp]`` output (:mod:`pallas_kernels.softmax.bias`).
+
 VMEM per step (forward, bq = bk = 512, D = E = 128, bf16): q, k, v, out blocks double-buffered (~1 MiB), m / l
 scratch ``(bq, 128)`` f32 and acc ``(bq, E)`` f32 (0.75 MiB), an int8 tile (0.5 MiB double-buffered) and the
 ``[bq, bk]`` f32 logits / probabilities (~2 MiB): well inside the default scoped VMEM limit.
@@ -48,6 +54,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common import NT
 from pallas_kernels.common.nonfinite import backward_operands, forward_operands
+from pallas_kernels.softmax.bias import check_bias, pad_bias, zero_unvisited
 
 NUM_LANES = 128
 NUM_SUBLANES = 8
@@ -279,6 +286,17 @@ def _div(h, r: int):
   return h if r == 1 else lax.div(h, r)
 
 
+def _bias_spec(name, bias, B, H, T, S, bq, bk, geom):
+  """The ``(bq, bk)`` bias block of a grid ``(b, h, i, j)`` step (forward, dq): query block ``i``, the kv block of
+  the step's list entry; a size-1 batch / head dim reads its block 0."""
+  Bb, Hb = check_bias(name, bias, B, H, T, S)
+
+  def index(b, h, i, j, idx_ref, *_):
+    return (b if Bb > 1 else 0), (h if Hb > 1 else 0), i, idx_ref[geom.slot(b, h, i, j)]
+
+  return pl.BlockSpec((None, None, bq, bk), index)
+
+
 class _Control:
   """Per-step control of the forward / dq kernels: validity, which body to run, and the mask of a masked step.
 
@@ -319,11 +337,11 @@ class _Control:
 
 
 # ------------------------------------------------------------------------------------------------ forward
-def _fwd_kernel(*refs, geom: _Geom, has_seg: bool, has_tiles: bool, kv_len: int, with_lse: bool, scale: float,
-                cap, prec):
+def _fwd_kernel(*refs, geom: _Geom, has_seg: bool, has_tiles: bool, has_bias: bool, kv_len: int, with_lse: bool,
+                scale: float, cap, prec):
   npf = 4 if has_tiles else 2
-  (pref, (q_ref, k_ref, v_ref), seg, tile_ref, o_ref, lse_ref, (m_scr, l_scr, acc_scr)) = _unpack(
-      refs, npf, 3, 2 if has_seg else 0, int(has_tiles), 1, int(with_lse), 3)
+  (pref, (q_ref, k_ref, v_ref), seg, tile_ref, bias_ref, o_ref, lse_ref, (m_scr, l_scr, acc_scr)) = _unpack(
+      refs, npf, 3, 2 if has_seg else 0, int(has_tiles), int(has_bias), 1, int(with_lse), 3)
   b, h, i, j = (pl.program_id(a) for a in range(4))
   bk, E = k_ref.shape[0], v_ref.shape[-1]
 
@@ -337,6 +355,8 @@ def _fwd_kernel(*refs, geom: _Geom, has_seg: bool, has_tiles: bool, kv_len: int,
 
   def step(masked: bool):
     s = lax.dot_general(q_ref[...], k_ref[...], NT, preferred_element_type=_F32, precision=prec) * scale  # [bq, bk]
+    if bias_ref is not None:
+      s = s + bias_ref[...].astype(_F32)
     s, _ = _logits(s, cap)
     keep = ctl.keep(masked, s.shape, tile_ref, seg)
     if keep is not None:
@@ -366,7 +386,7 @@ def _fwd_kernel(*refs, geom: _Geom, has_seg: bool, has_tiles: bool, kv_len: int,
 
 def flash_attention_fwd(q, k, v, lists: VisitLists, tiles=None, *, q_segment_ids=None, kv_segment_ids=None,
                         scale: float, soft_cap: float | None = None, block_q: int, block_k: int,
-                        return_lse: bool = True, interpret=False, vmem_limit_bytes: int | None = None):
+                        return_lse: bool = True, interpret=False, vmem_limit_bytes: int | None = None, bias=None):
   """Forward flash attention over visiting lists.
 
   Args:
@@ -383,6 +403,7 @@ def flash_attention_fwd(q, k, v, lists: VisitLists, tiles=None, *, q_segment_ids
     return_lse: also write the log-sum-exp.
     interpret: False (compile with Mosaic), True / ``pltpu.InterpretParams(...)`` (TPU interpret mode).
     vmem_limit_bytes: the Mosaic scoped-VMEM limit (None: the compiler's default).
+    bias: None or an additive ``[1|B, 1|H, T, S]`` float bias (after the scale, before the cap).
 
   Returns:
     ``out [B, T, H, E]`` in q's dtype and ``lse [B, H, T]`` f32 (``-inf`` for rows without allowed keys) or None.
@@ -422,14 +443,18 @@ def flash_attention_fwd(q, k, v, lists: VisitLists, tiles=None, *, q_segment_ids
     in_specs.append(pl.BlockSpec((None, bq, bk), lambda b, h, i, j, idx_ref, cnt_ref, tile_ref, fetch_ref: (
         fetch_ref[geom.slot(b, h, i, j)], 0, 0)))
     operands.append(_tiles(tiles))
+  has_bias = bias is not None
+  if has_bias:
+    in_specs.append(_bias_spec("flash_attention_fwd", bias, B, H, T, S, bq, bk, geom))
+    operands.append(pad_bias(bias, Tp, Sp))
   out_specs = [oop.spec(q_idx)]
   out_shape = [jax.ShapeDtypeStruct(oop.shape(B, Tp, H), q.dtype)]
   if return_lse:
     out_specs.append(pl.BlockSpec((None, None, bq, NUM_LANES), lambda b, h, i, j, *_: (b, h, i, 0)))
     out_shape.append(jax.ShapeDtypeStruct((B, H, Tp, NUM_LANES), _F32))
 
-  kernel = functools.partial(_fwd_kernel, geom=geom, has_seg=has_seg, has_tiles=has_tiles, kv_len=S,
-                             with_lse=return_lse, scale=float(scale), cap=soft_cap, prec=_precision(q.dtype))
+  kernel = functools.partial(_fwd_kernel, geom=geom, has_seg=has_seg, has_tiles=has_tiles, has_bias=has_bias,
+                             kv_len=S, with_lse=return_lse, scale=float(scale), cap=soft_cap, prec=_precision(q.dtype))
   outs = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -448,21 +473,26 @@ def flash_attention_fwd(q, k, v, lists: VisitLists, tiles=None, *, q_segment_ids
 
 
 # ------------------------------------------------------------------------------------------------ backward: dq
-def _dq_kernel(*refs, geom: _Geom, has_seg: bool, has_tiles: bool, kv_len: int, scale: float, cap, prec):
+def _dq_kernel(*refs, geom: _Geom, has_seg: bool, has_tiles: bool, has_bias: bool, with_dq: bool, with_dbias: bool,
+               kv_len: int, scale: float, cap, prec):
   npf = 4 if has_tiles else 2
-  (pref, (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), seg, tile_ref, dq_ref, dq_scr) = _unpack(
-      refs, npf, 6, 2 if has_seg else 0, int(has_tiles), 1, 1)
+  (pref, (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), seg, tile_ref, bias_ref, dq_ref, db_ref,
+   dq_scr) = _unpack(refs, npf, 6, 2 if has_seg else 0, int(has_tiles), int(has_bias), int(with_dq),
+                     int(with_dbias), int(with_dq))
   b, h, i, j = (pl.program_id(a) for a in range(4))
   bk = k_ref.shape[0]
   ctl = _Control(pref, geom.slot(b, h, i, j), geom.row(b, h, i), bk, kv_len)
 
-  @pl.when(j == 0)
-  def _init():
-    dq_scr[...] = jnp.zeros(dq_scr.shape, _F32)
+  if with_dq:
+    @pl.when(j == 0)
+    def _init():
+      dq_scr[...] = jnp.zeros(dq_scr.shape, _F32)
 
   def step(masked: bool):
     k, v = k_ref[...], v_ref[...]
     s = lax.dot_general(q_ref[...], k, NT, preferred_element_type=_F32, precision=prec) * scale  # [bq, bk]
+    if bias_ref is not None:
+      s = s + bias_ref[...].astype(_F32)
     s, t = _logits(s, cap)
     keep = ctl.keep(masked, s.shape, tile_ref, seg)
     if keep is not None:
@@ -474,28 +504,63 @@ def _dq_kernel(*refs, geom: _Geom, has_seg: bool, has_tiles: bool, kv_len: int, 
       ds = ds * (1.0 - t * t)
     if keep is not None:  # masked entries are exact zeros, also in a row whose lse / delta is NaN
       ds = jnp.where(keep, ds, 0.0)
-    dq_scr[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=_F32, precision=prec)
+    if db_ref is not None:  # dS is the gradient of the pre-cap logits, i.e. of the bias (before any summing)
+      db_ref[...] = ds.astype(db_ref.dtype)
+    if dq_scr is not None:
+      dq_scr[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=_F32, precision=prec)
 
   ctl.run(j, step)
 
-  @pl.when(j == pl.num_programs(3) - 1)
-  def _end():
-    dq_ref[...] = (dq_scr[...] * scale).astype(dq_ref.dtype)
+  if with_dq:
+    @pl.when(j == pl.num_programs(3) - 1)
+    def _end():
+      dq_ref[...] = (dq_scr[...] * scale).astype(dq_ref.dtype)
 
 
 def flash_attention_bwd_dq(q, k, v, do, lse, delta, lists: VisitLists, tiles=None, *, q_segment_ids=None,
                            kv_segment_ids=None, scale: float, soft_cap: float | None = None, block_q: int,
-                           block_k: int, interpret=False, vmem_limit_bytes: int | None = None):
+                           block_k: int, interpret=False, vmem_limit_bytes: int | None = None, bias=None):
   """dq of flash attention: ``dq_i = scale * sum_j P_ij (dP_ij - delta_i) (1 - tanh^2) k_j`` over visited blocks.
 
   Args:
     q, k, v: as in :func:`flash_attention_fwd`; do: ``[B, T, H, E]``.
     lse: ``[B, H, T]`` f32 from the forward; delta: ``[B, H, T]`` f32, ``sum_e dO * O`` minus the lse cotangent.
-    lists, tiles, segment ids, scale, soft_cap, block sizes, interpret: as in the forward (its own block sizes).
+    lists, tiles, segment ids, scale, soft_cap, block sizes, interpret, bias: as in the forward (its own block
+      sizes; the bias is not differentiated here: see :func:`flash_attention_bwd_dq_dbias`).
 
   Returns:
     ``dq [B, T, H, D]`` in q's dtype.
   """
+  dq, _ = _dq_call(q, k, v, do, lse, delta, lists, tiles, bias, q_segment_ids=q_segment_ids,
+                   kv_segment_ids=kv_segment_ids, scale=scale, soft_cap=soft_cap, block_q=block_q, block_k=block_k,
+                   interpret=interpret, vmem_limit_bytes=vmem_limit_bytes, with_dq=True, dbias_dtype=None)
+  return dq
+
+
+def flash_attention_bwd_dq_dbias(q, k, v, do, lse, delta, lists: VisitLists, tiles, bias, *, q_segment_ids=None,
+                                 kv_segment_ids=None, scale: float, soft_cap: float | None = None, block_q: int,
+                                 block_k: int, with_dq: bool = True, dbias_dtype=jnp.float32, interpret=False,
+                                 vmem_limit_bytes: int | None = None):
+  """``(dq [B, T, H, D] or None, dS [B, H, T, S])``: the dq kernel also writing the bias gradient per visited block.
+
+  ``dS = P * (dP - delta)`` (times ``1 - tanh^2`` with a soft cap) is the gradient of the pre-cap logits, so of an
+  additive bias before summing over its broadcast dims (the caller sums, e.g. with
+  :func:`pallas_kernels.softmax.bias.reduce_to`). Masked pairs and blocks the lists skip are 0.
+
+  Args:
+    bias: ``[1|B, 1|H, T, S]`` float.
+    with_dq: False drops the ``dS @ K`` product, its scratch and the dq output.
+    dbias_dtype: dtype of ``dS`` (f32 when it will be summed over broadcast dims).
+    Other args as :func:`flash_attention_bwd_dq`.
+  """
+  return _dq_call(q, k, v, do, lse, delta, lists, tiles, bias, q_segment_ids=q_segment_ids,
+                  kv_segment_ids=kv_segment_ids, scale=scale, soft_cap=soft_cap, block_q=block_q, block_k=block_k,
+                  interpret=interpret, vmem_limit_bytes=vmem_limit_bytes, with_dq=with_dq,
+                  dbias_dtype=jnp.dtype(dbias_dtype))
+
+
+def _dq_call(q, k, v, do, lse, delta, lists: VisitLists, tiles, bias, *, q_segment_ids, kv_segment_ids, scale,
+             soft_cap, block_q, block_k, interpret, vmem_limit_bytes, with_dq, dbias_dtype):
   B, T, H, D = q.shape
   _, S, G, E = v.shape
   R = H // G
@@ -506,6 +571,10 @@ def flash_attention_bwd_dq(q, k, v, do, lse, delta, lists: VisitLists, tiles=Non
   geom = _geom(lists)
   _check_lists(geom, B, H, nq, "kv")
   has_tiles, has_seg = tiles is not None, q_segment_ids is not None
+  with_dbias = dbias_dtype is not None
+  name = "flash_attention_bwd_dq_dbias" if with_dbias else "flash_attention_bwd_dq"
+  if with_dbias and bias is None:
+    raise ValueError(f"{name}: the bias gradient needs the bias")
   pref = flatten_lists(lists, has_tiles)
 
   q, k, v = backward_operands(q, k, v)  # zeroed; poisoned rows carry NaN in lse / delta
@@ -532,29 +601,48 @@ def flash_attention_bwd_dq(q, k, v, do, lse, delta, lists: VisitLists, tiles=Non
     in_specs.append(pl.BlockSpec((None, bq, bk), lambda b, h, i, j, idx_ref, cnt_ref, tile_ref, fetch_ref: (
         fetch_ref[geom.slot(b, h, i, j)], 0, 0)))
     operands.append(_tiles(tiles))
+  has_bias = bias is not None
+  if has_bias:
+    in_specs.append(_bias_spec(name, bias, B, H, T, S, bq, bk, geom))
+    operands.append(pad_bias(bias, Tp, Sp))
   dqop = _Operand(D % NUM_LANES == 0, bq, D)
+  out_specs, out_shape, scratch = [], [], []
+  if with_dq:
+    out_specs.append(dqop.spec(q_idx))
+    out_shape.append(jax.ShapeDtypeStruct(dqop.shape(B, Tp, H), q.dtype))
+    scratch.append(pltpu.VMEM((bq, D), _F32))
+  if with_dbias:
+    # Per query head, the step's (bq, bk) block. Steps past the count keep the last visited block index, so nothing
+    # is written back in between; blocks the lists skip (and a row with count 0) are selected to 0 afterwards.
+    out_specs.append(pl.BlockSpec((None, None, bq, bk), lambda b, h, i, j, idx_ref, *_: (
+        b, h, i, idx_ref[geom.slot(b, h, i, j)])))
+    out_shape.append(jax.ShapeDtypeStruct((B, H, Tp, Sp), dbias_dtype))
 
-  kernel = functools.partial(_dq_kernel, geom=geom, has_seg=has_seg, has_tiles=has_tiles, kv_len=S,
-                             scale=float(scale), cap=soft_cap, prec=_precision(q.dtype))
-  dq = pl.pallas_call(
+  kernel = functools.partial(_dq_kernel, geom=geom, has_seg=has_seg, has_tiles=has_tiles, has_bias=has_bias,
+                             with_dq=with_dq, with_dbias=with_dbias, kv_len=S, scale=float(scale), cap=soft_cap,
+                             prec=_precision(q.dtype))
+  outs = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=len(pref), grid=(B, H, nq, geom.K), in_specs=in_specs, out_specs=dqop.spec(q_idx),
-          scratch_shapes=[pltpu.VMEM((bq, D), _F32)]),
-      out_shape=jax.ShapeDtypeStruct(dqop.shape(B, Tp, H), q.dtype),
+          num_scalar_prefetch=len(pref), grid=(B, H, nq, geom.K), in_specs=in_specs, out_specs=out_specs,
+          scratch_shapes=scratch),
+      out_shape=out_shape,
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
                                            vmem_limit_bytes=vmem_limit_bytes),
       interpret=_interpret(interpret),
-      name="jaxattn_flash_bwd_dq",
+      name="jaxattn_flash_bwd_dq" + ("_dbias" if with_dbias else ""),
   )(*pref, *operands)
-  return _from_kernel(dq, dqop, B, T, H)
+  dq = _from_kernel(outs[0], dqop, B, T, H) if with_dq else None
+  ds = zero_unvisited(outs[-1], lists.index, lists.count, bq, bk, T, S) if with_dbias else None
+  return dq, ds
 
 
 # ------------------------------------------------------------------------------------------------ backward: dk/dv
-def _dkv_kernel(*refs, geom: _Geom, R: int, has_seg: bool, has_tiles: bool, scale: float, cap, prec):
+def _dkv_kernel(*refs, geom: _Geom, R: int, has_seg: bool, has_tiles: bool, has_bias: bool, scale: float, cap,
+                prec):
   npf = 4 if has_tiles else 2
-  (pref, (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), seg, tile_ref, (dk_ref, dv_ref),
-   (dk_scr, dv_scr)) = _unpack(refs, npf, 6, 2 if has_seg else 0, int(has_tiles), 2, 2)
+  (pref, (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), seg, tile_ref, bias_ref, (dk_ref, dv_ref),
+   (dk_scr, dv_scr)) = _unpack(refs, npf, 6, 2 if has_seg else 0, int(has_tiles), int(has_bias), 2, 2)
   cnt_ref = pref[1]
   b, g, kb, r, j = (pl.program_id(a) for a in range(5))
   h = g * R + r
@@ -570,6 +658,8 @@ def _dkv_kernel(*refs, geom: _Geom, R: int, has_seg: bool, has_tiles: bool, scal
     # Transposed orientation ([bk, bq]: keys on sublanes) so dk/dv are plain (bk, bq) @ (bq, F) products.
     q, do = q_ref[...], do_ref[...]
     st = lax.dot_general(k_ref[...], q, NT, preferred_element_type=_F32, precision=prec) * scale  # [bk, bq]
+    if bias_ref is not None:  # the (bq, bk) bias block, transposed in VMEM
+      st = st + bias_ref[...].astype(_F32).T
     st, t = _logits(st, cap)
     keep = None
     if masked:
@@ -609,7 +699,7 @@ def _dkv_kernel(*refs, geom: _Geom, R: int, has_seg: bool, has_tiles: bool, scal
 
 def flash_attention_bwd_dkv(q, k, v, do, lse, delta, lists_t: VisitLists, tiles=None, *, q_segment_ids=None,
                             kv_segment_ids=None, scale: float, soft_cap: float | None = None, block_q: int,
-                            block_k: int, interpret=False, vmem_limit_bytes: int | None = None):
+                            block_k: int, interpret=False, vmem_limit_bytes: int | None = None, bias=None):
   """dk, dv of flash attention over the transposed lists; GQA groups are summed inside the kernel.
 
   Args:
@@ -617,7 +707,9 @@ def flash_attention_bwd_dkv(q, k, v, do, lse, delta, lists_t: VisitLists, tiles=
     lists_t: per kv block (``nK = ceil(S / block_k)``) the query blocks that visit it, ``[1|B, 1|H, nK, Kt]``
       (per *query* head: kv head ``g`` walks the lists of heads ``g * R .. g * R + R - 1``).
     tiles: the same ``[U, block_q, block_k]`` patterns as the forward orientation (transposed here), or None.
-    block_q: lane dim here (multiple of 128 unless it covers T); block_k: sublane dim.
+    block_q: lane dim here (multiple of 128 unless it covers T); block_k: sublane dim, and with a bias also the
+      lane dim of the ``(block_q, block_k)`` bias block (so then a multiple of 128 unless it covers S).
+    bias: as in the forward (read in the forward orientation and transposed in VMEM).
 
   Returns:
     ``dk [B, S, G, D]``, ``dv [B, S, G, E]`` in k's / v's dtype.
@@ -628,6 +720,8 @@ def flash_attention_bwd_dkv(q, k, v, do, lse, delta, lists_t: VisitLists, tiles=
   bq = check_block(block_q, T, "lane", "block_q_dkv", "T",
                    "lanes of the transposed logits, lse / delta and q segment-id blocks")
   bk = check_block(block_k, S, "sublane", "block_k_dkv", "S", "rows of the k / v / dk / dv blocks")
+  if bias is not None:
+    check_block(bk, S, "lane", "block_k_dkv", "S", "with a bias, also lanes of the (block_q, block_k) bias block")
   nq, nk = -(-T // bq), -(-S // bk)
   Tp, Sp = nq * bq, nk * bk
   geom = _geom(lists_t)
@@ -664,9 +758,19 @@ def flash_attention_bwd_dkv(q, k, v, do, lse, delta, lists_t: VisitLists, tiles=
     in_specs.append(pl.BlockSpec((None, bk, bq), lambda b, g, kb, r, j, idx_ref, cnt_ref, tile_ref, fetch_ref: (
         fetch_ref[geom.slot(b, g * R + r, kb, j)], 0, 0)))
     operands.append(_tiles(tiles, transpose=True))
+  has_bias = bias is not None
+  if has_bias:
+    Bb, Hb = check_bias("flash_attention_bwd_dkv", bias, B, H, T, S)
+
+    def bias_idx(b, g, kb, r, j, idx_ref, *_):
+      h = g * R + r
+      return (b if Bb > 1 else 0), (h if Hb > 1 else 0), idx_ref[geom.slot(b, h, kb, j)], kb
+
+    in_specs.append(pl.BlockSpec((None, None, bq, bk), bias_idx))
+    operands.append(pad_bias(bias, Tp, Sp))
   dkop, dvop = _Operand(D % NUM_LANES == 0, bk, D), _Operand(E % NUM_LANES == 0, bk, E)
 
-  kernel = functools.partial(_dkv_kernel, geom=geom, R=R, has_seg=has_seg, has_tiles=has_tiles,
+  kernel = functools.partial(_dkv_kernel, geom=geom, R=R, has_seg=has_seg, has_tiles=has_tiles, has_bias=has_bias,
                              scale=float(scale), cap=soft_cap, prec=_precision(q.dtype))
   dk, dv = pl.pallas_call(
       kernel,

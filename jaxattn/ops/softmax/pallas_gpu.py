@@ -11,8 +11,11 @@ patterns; the kernels in :mod:`pallas_kernels.softmax.gpu` visit only those bloc
   group in-kernel).
 
 Supports: every static mask, segment ids, GQA/MQA (K/V never repeated), soft cap, lse, T and S of any length,
-head dims up to 256 (non powers of two are zero-padded), f32/bf16/f16. Refuses (``supports``): bias, platforms
-other than GPU and CPU. Config: :class:`~jaxattn.ops.softmax.config.PallasGpuConfig` (tiles powers of two >= 16,
+head dims up to 256 (non powers of two are zero-padded), f32/bf16/f16, an additive bias ``[1|B, 1|H, T, S]``
+(broadcast dims are never materialised; its gradient, when asked for, comes from the dq kernel writing
+``dS`` per visited tile into a ``[B, H, T, S]`` buffer that XLA sums over the broadcast dims; see
+:mod:`pallas_kernels.softmax.bias`). Refuses (``supports``): boolean mask arrays, per-head masks, dropout,
+platforms other than GPU and CPU. Config: :class:`~jaxattn.ops.softmax.config.PallasGpuConfig` (tiles powers of two >= 16,
 ``num_warps`` / ``num_stages`` forward and backward; the default from a table per head dim, see
 :meth:`PallasGpuBackend.default_config`). On a CPU backend it runs in Pallas interpret mode (slow; for tests and
 users without a GPU); ``implementation=None`` never picks it there.
@@ -36,6 +39,7 @@ from jaxattn.ops.softmax.config import (PallasGpuConfig, SoftmaxCall, SoftmaxRes
 from jaxattn.ops.softmax.mask_info import MaskInfo, mask_info
 from pallas_kernels.common import next_pow2, padded_head_dim
 from pallas_kernels.softmax import gpu
+from pallas_kernels.softmax.bias import dbias_dtype, reduce_to
 
 
 class Plan(NamedTuple):
@@ -72,10 +76,11 @@ def static_plans(call: SoftmaxCall, config: PallasGpuConfig) -> Plans:
 
 
 def kernel_forward(q, k, v, q_ids, kv_ids, plan: Plan, config: PallasGpuConfig, *, scale: float,
-                   soft_cap: float | None):
-  """``(out, lse)`` of the forward kernel over ``plan`` at ``config``'s forward tile."""
+                   soft_cap: float | None, bias=None):
+  """``(out, lse)`` of the forward kernel over ``plan`` at ``config``'s forward tile (``bias``: None or
+  ``[1|B, 1|H, T, S]``)."""
   return gpu.flash_forward(q, k, v, q_ids, kv_ids, plan.lists, plan.tiles, block_q=config.block_q,
-                           block_k=config.block_k, scale=scale, soft_cap=soft_cap,
+                           block_k=config.block_k, scale=scale, soft_cap=soft_cap, bias=bias,
                            num_warps=config.warps(max(q.shape[-1], v.shape[-1])), num_stages=config.num_stages,
                            interpret=backend_lib.interpret_mode("gpu"))
 
@@ -83,22 +88,39 @@ def kernel_forward(q, k, v, q_ids, kv_ids, plan: Plan, config: PallasGpuConfig, 
 def kernel_backward(res: SoftmaxResiduals, cotangents, config: PallasGpuConfig, *, scale: float,
                     soft_cap: float | None, needs=(True,) * 6):
   """``(dq, dk, dv)`` from the residuals (``res.extra``: :class:`Plans`) and ``(dout, dlse)``."""
-  q, k, v, _, q_ids, kv_ids, out, lse, plans = res
+  return kernel_backward_bias(res, cotangents, config, scale=scale, soft_cap=soft_cap, needs=needs)[:3]
+
+
+def kernel_backward_bias(res: SoftmaxResiduals, cotangents, config: PallasGpuConfig, *, scale: float,
+                         soft_cap: float | None, needs=(True,) * 6):
+  """``(dq, dk, dv, dbias)``; ``dbias`` (the bias's shape and dtype) only when ``res.bias`` is given and
+  ``needs[3]``, else None. Unneeded gradients are None and their kernels do not run: without ``needs[3]`` there is
+  no dbias work at all; with ``needs[3]`` but not ``needs[0]`` the dq kernel writes ``dS`` only."""
+  q, k, v, bias, q_ids, kv_ids, out, lse, plans = res
   dout, dlse = cotangents
   # delta_i = sum_e dO_ie O_ie - dlse_i: the row term of the softmax Jacobian (lse enters as -dlse).
   delta = jnp.einsum("bthe,bthe->bht", dout.astype(jnp.float32), out.astype(jnp.float32)) - dlse
   dout = dout.astype(q.dtype)
   common = dict(scale=scale, soft_cap=soft_cap, num_warps=config.warps(max(q.shape[-1], v.shape[-1]), True),
                 num_stages=config.num_stages_bwd, interpret=backend_lib.interpret_mode("gpu"))
-  dq = dk = dv = None
-  if needs[0]:
+  dq = dk = dv = dbias = None
+  want_dbias = bias is not None and len(needs) > 3 and needs[3]
+  if want_dbias:
     (bq, bk), plan = config.dq, plans.dq
-    dq = gpu.flash_backward_dq(q, k, v, q_ids, kv_ids, dout, lse, delta, *plan, block_q=bq, block_k=bk, **common)
+    B, _, H, _ = q.shape
+    dq, ds = gpu.flash_backward_dq_dbias(q, k, v, q_ids, kv_ids, dout, lse, delta, *plan, bias, block_q=bq,
+                                         block_k=bk, with_dq=bool(needs[0]),
+                                         dbias_dtype=dbias_dtype(bias.shape, B, H, bias.dtype), **common)
+    dbias = reduce_to(ds, bias.shape, bias.dtype)
+  elif needs[0]:
+    (bq, bk), plan = config.dq, plans.dq
+    dq = gpu.flash_backward_dq(q, k, v, q_ids, kv_ids, dout, lse, delta, *plan, block_q=bq, block_k=bk,
+                               bias=bias, **common)
   if needs[1] or needs[2]:
     (bq, bk), plan = config.dkv, plans.dkv
     dk, dv = gpu.flash_backward_dkv(q, k, v, q_ids, kv_ids, dout, lse, delta, *plan, block_q=bq, block_k=bk,
-                                    **common)
-  return dq, dk, dv
+                                    bias=bias, **common)
+  return dq, dk, dv, dbias
 
 
 def platform_reason(name: str, D: int, E: int) -> str | None:
@@ -156,8 +178,6 @@ class PallasGpuBackend(Backend):
   def supports(self, call: SoftmaxCall) -> str | None:
     if (reason := dense_only_reason(self.name, call)) is not None:
       return reason
-    if call.bias is not None:
-      return "pallas_gpu does not support bias"
     return platform_reason(self.name, call.D, call.E)
 
   def default_config(self, call: SoftmaxCall) -> PallasGpuConfig:
@@ -167,19 +187,19 @@ class PallasGpuBackend(Backend):
     validate_gpu_config(self.name, config)
 
   def fwd(self, call: SoftmaxCall, config: PallasGpuConfig, args):
-    q, k, v, _, q_ids, kv_ids = args
+    q, k, v, bias, q_ids, kv_ids = args
     plans = static_plans(call, config)
     out, lse = kernel_forward(q, k, v, q_ids, kv_ids, plans.fwd, config, scale=call.scale,
-                              soft_cap=call.logits_soft_cap)
-    return (out, lse), SoftmaxResiduals(q, k, v, None, q_ids, kv_ids, out, lse, plans)
+                              soft_cap=call.logits_soft_cap, bias=bias)
+    return (out, lse), SoftmaxResiduals(q, k, v, bias, q_ids, kv_ids, out, lse, plans)
 
   def residual_extra(self, call: SoftmaxCall, config: PallasGpuConfig) -> Plans:
     return static_plans(call, config)
 
   def bwd(self, call: SoftmaxCall, config: PallasGpuConfig, residuals: SoftmaxResiduals, cotangents, needs):
-    dq, dk, dv = kernel_backward(residuals, cotangents, config, scale=call.scale, soft_cap=call.logits_soft_cap,
-                                 needs=needs)
-    return dq, dk, dv, None, None, None
+    dq, dk, dv, dbias = kernel_backward_bias(residuals, cotangents, config, scale=call.scale,
+                                             soft_cap=call.logits_soft_cap, needs=needs)
+    return dq, dk, dv, dbias, None, None
 
 
 BACKEND = PallasGpuBackend()

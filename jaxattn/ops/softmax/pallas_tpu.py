@@ -4,13 +4,17 @@ softmax backend, plus their FLOP / HBM-byte counts and a TPU roofline estimate.
 The static mask is compiled at trace time by :func:`~jaxattn.ops.softmax.mask_info.mask_info` into per-block
 visiting lists (scalar-prefetched) and deduplicated partial-block tiles; the forward, dq and dk/dv kernels visit only
 the non-empty blocks (``fwd`` puts the three plans into ``SoftmaxResiduals.extra``; ``bwd`` runs the dq and dk/dv
-kernels on them). Supports masks, segment ids, GQA/MQA (no K/V repeat), soft cap, lse output and its gradient.
-Refuses (``supports``): ``bias``; platforms other than TPU and CPU. On a CPU backend the kernels run in Pallas TPU
+kernels on them). Supports masks, segment ids, GQA/MQA (no K/V repeat), soft cap, lse output and its gradient, an
+additive bias ``[1|B, 1|H, T, S]`` (broadcast dims never materialised; its gradient, when asked for, from the dq
+kernel writing ``dS`` per visited block, summed over the broadcast dims in XLA: :mod:`pallas_kernels.softmax.bias`;
+with a bias ``block_k_dkv`` must also obey the lane rule). Refuses (``supports``): boolean mask arrays, per-head
+masks, dropout; platforms other than TPU and CPU. On a CPU backend the kernels run in Pallas TPU
 interpret mode (slow: for tests and users without the hardware); ``implementation=None`` never picks this on CPU.
 
-Config: :class:`~jaxattn.ops.softmax.config.PallasTpuConfig` (default 512 x 512 for all three kernels, clamped to
-T / S; the tiles must obey the TPU (8, 128) tiling rule, ``ValueError`` otherwise, also in interpret mode;
-``vmem_limit_bytes`` for Mosaic).
+Config: :class:`~jaxattn.ops.softmax.config.PallasTpuConfig` (default: per TPU generation, 512 x 512 on v4 and
+1024 x 1024 on v5e / v5p / v6e with a ``vmem_limit_bytes`` of three quarters of the VMEM, see
+:data:`DEFAULT_TILES`; 512 x 512 in interpret mode; clamped to T / S; the tiles must obey the TPU (8, 128) tiling
+rule, ``ValueError`` otherwise, also in interpret mode; ``vmem_limit_bytes`` for Mosaic).
 
 ``block_sparse_attention`` reuses :func:`kernel_forward` / :func:`kernel_backward` with data-dependent
 per-(batch, query head) lists built on device (one tile for all three kernels, so ``block_q`` must be a multiple of
@@ -32,10 +36,12 @@ from jaxattn.ops.softmax.config import (BlockSizes, PallasTpuConfig, SoftmaxCall
                                         dense_only_reason)
 from jaxattn.ops.softmax.mask_info import MaskInfo, mask_info
 from pallas_kernels.common import TPU_SPECS
+from pallas_kernels.common.vmem import TPU_GENERATIONS, tpu_generation
 from pallas_kernels.softmax import tpu as kernels
+from pallas_kernels.softmax.bias import dbias_dtype, reduce_to
 
 __all__ = ["BACKEND", "PallasTpuBackend", "resolve_tiles", "kernel_forward", "kernel_backward", "kernel_cost",
-           "TPU_SPECS"]
+           "TPU_SPECS", "DEFAULT_TILES", "default_tiles", "default_config_for"]
 
 
 def resolve_tiles(config: BlockSizes, T: int, S: int, owner: str | None = None) -> PallasTpuConfig:
@@ -89,19 +95,28 @@ def static_plans(call: SoftmaxCall, tiles: PallasTpuConfig) -> Plans:
 
 
 def kernel_forward(q, k, v, q_ids, kv_ids, plan: Plan, tiles: PallasTpuConfig, *, scale: float,
-                   soft_cap: float | None):
-  """``(out, lse)`` of the forward kernel over ``plan`` at the resolved ``tiles``' forward tile."""
+                   soft_cap: float | None, bias=None):
+  """``(out, lse)`` of the forward kernel over ``plan`` at the resolved ``tiles``' forward tile (``bias``: None or
+  ``[1|B, 1|H, T, S]``)."""
   bq, bk = tiles.fwd
   return kernels.flash_attention_fwd(
       q, k, v, plan.lists, plan.tiles, q_segment_ids=q_ids, kv_segment_ids=kv_ids, scale=scale, soft_cap=soft_cap,
       block_q=bq, block_k=bk, return_lse=True, interpret=backend_lib.interpret_mode("tpu"),
-      vmem_limit_bytes=tiles.vmem_limit_bytes)
+      vmem_limit_bytes=tiles.vmem_limit_bytes, bias=bias)
 
 
 def kernel_backward(res: SoftmaxResiduals, cotangents, tiles: PallasTpuConfig, *, scale: float,
                     soft_cap: float | None, needs=(True,) * 6):
   """``(dq, dk, dv)`` from the residuals (``res.extra``: :class:`Plans`) and ``(dout, dlse)``."""
-  q, k, v, _, q_ids, kv_ids, out, lse, plans = res
+  return kernel_backward_bias(res, cotangents, tiles, scale=scale, soft_cap=soft_cap, needs=needs)[:3]
+
+
+def kernel_backward_bias(res: SoftmaxResiduals, cotangents, tiles: PallasTpuConfig, *, scale: float,
+                         soft_cap: float | None, needs=(True,) * 6):
+  """``(dq, dk, dv, dbias)``; ``dbias`` (the bias's shape and dtype) only when ``res.bias`` is given and
+  ``needs[3]``, else None. Unneeded gradients are None and their kernels do not run: without ``needs[3]`` there is
+  no dbias work at all; with ``needs[3]`` but not ``needs[0]`` the dq kernel writes ``dS`` only."""
+  q, k, v, bias, q_ids, kv_ids, out, lse, plans = res
   dout, dlse = cotangents
   # delta_i = sum_e dO_ie O_ie - dlse_i: the row term of the softmax Jacobian (lse enters with -dlse).
   delta = jnp.einsum("bthe,bthe->bht", dout.astype(jnp.float32), out.astype(jnp.float32))
@@ -109,15 +124,22 @@ def kernel_backward(res: SoftmaxResiduals, cotangents, tiles: PallasTpuConfig, *
   dout = dout.astype(q.dtype)
   common = dict(q_segment_ids=q_ids, kv_segment_ids=kv_ids, scale=scale, soft_cap=soft_cap,
                 interpret=backend_lib.interpret_mode("tpu"), vmem_limit_bytes=tiles.vmem_limit_bytes)
-  dq = dk = dv = None
-  if needs[0]:
+  dq = dk = dv = dbias = None
+  if bias is not None and len(needs) > 3 and needs[3]:
     bq, bk = tiles.dq
-    dq = kernels.flash_attention_bwd_dq(q, k, v, dout, lse, delta, *plans.dq, block_q=bq, block_k=bk, **common)
+    dq, ds = kernels.flash_attention_bwd_dq_dbias(
+        q, k, v, dout, lse, delta, *plans.dq, bias, block_q=bq, block_k=bk, with_dq=bool(needs[0]),
+        dbias_dtype=dbias_dtype(bias.shape, q.shape[0], q.shape[2], bias.dtype), **common)
+    dbias = reduce_to(ds, bias.shape, bias.dtype)
+  elif needs[0]:
+    bq, bk = tiles.dq
+    dq = kernels.flash_attention_bwd_dq(q, k, v, dout, lse, delta, *plans.dq, block_q=bq, block_k=bk, bias=bias,
+                                        **common)
   if needs[1] or needs[2]:
     bq, bk = tiles.dkv
     dk, dv = kernels.flash_attention_bwd_dkv(q, k, v, dout, lse, delta, *plans.dkv, block_q=bq, block_k=bk,
-                                             **common)
-  return dq, dk, dv
+                                             bias=bias, **common)
+  return dq, dk, dv, dbias
 
 
 def platform_reason(name: str) -> str | None:
@@ -125,6 +147,42 @@ def platform_reason(name: str) -> str | None:
   if backend_lib.platform() not in ("tpu", "cpu"):
     return f"{name} runs on TPU (or in interpret mode on CPU), not on {backend_lib.platform()!r}"
   return None
+
+
+# Default tiles per TPU generation: the largest of 512 and 1024 whose three kernels (forward, dq, dk/dv) fit half the
+# VMEM of one TensorCore, measured by ``python -m experiments tpu_compile --preset tiles`` (largest scoped VMEM of the
+# three kernels; causal, B=1, T=8192, H=16, D=128, bf16):
+#   tiles   v4 (16 MiB)         v5e (128 MiB)   v5p (64 MiB)   v6e (128 MiB)
+#   512     5.2 MiB             4.2 MiB         4.2 MiB        4.7 MiB
+#   1024    16.7 MiB: overflow  12.8 MiB        12.8 MiB       12.8 MiB
+#   2048    49.0 MiB: overflow  41.8 MiB        41.8 MiB       41.8 MiB
+# 2048 (within half the VMEM of v5e / v6e) is not used: a causal mask's diagonal blocks then cost a quarter more
+# matmul FLOPs at T=8192 (10 visited 2048-tiles for 8 tiles' worth of area), and the forward is compute-bound there.
+DEFAULT_TILES: dict[str, int] = {"v4": 512, "v5e": 1024, "v5p": 1024, "v6e": 1024}
+
+def default_tiles(generation: str | None, D: int, E: int, dtype: str) -> int:
+  """The default square tile on a TPU generation (None: no TPU or an unknown one: 512): :data:`DEFAULT_TILES`,
+  halved when a row of q / k / v is wider than the generation's ``wide_row_bytes``
+  (:class:`pallas_kernels.common.vmem.TpuGeneration`: f32 or head dims above 128 on v4, f32 with head dims above
+  128 elsewhere)."""
+  if generation is None:
+    return kernels.DEFAULT_BLOCK
+  tile = DEFAULT_TILES[generation]
+  if max(D, E) * np.dtype(jnp.dtype(dtype)).itemsize > TPU_GENERATIONS[generation].wide_row_bytes:
+    tile //= 2
+  return tile
+
+
+def default_config_for(call: SoftmaxCall, generation: str | None) -> PallasTpuConfig:
+  """The default config of ``call`` on a TPU ``generation`` (``"v4"`` .. ``"v6e"``; None: no TPU or an unknown one).
+
+  Tiles from :func:`default_tiles` for all three kernels; ``vmem_limit_bytes`` the generation's limit (three
+  quarters of its VMEM, at least 16 MiB: :attr:`pallas_kernels.common.vmem.TpuGeneration.vmem_limit`), None without
+  a known generation (interpret mode ignores it).
+  """
+  tile = default_tiles(generation, call.D, call.E, call.dtype)
+  limit = None if generation is None else TPU_GENERATIONS[generation].vmem_limit
+  return PallasTpuConfig(tile, tile, vmem_limit_bytes=limit)
 
 
 class PallasTpuBackend(Backend):
@@ -137,33 +195,34 @@ class PallasTpuBackend(Backend):
   def supports(self, call: SoftmaxCall) -> str | None:
     if (reason := dense_only_reason(self.name, call)) is not None:
       return reason
-    if call.bias is not None:
-      return "pallas_tpu does not support bias"
     return platform_reason(self.name)
 
   def default_config(self, call: SoftmaxCall) -> PallasTpuConfig:
-    """512 x 512 tiles for all three kernels (splash/MaxText's usual choice on v5e/v5p), clamped to T / S."""
-    return PallasTpuConfig(kernels.DEFAULT_BLOCK, kernels.DEFAULT_BLOCK)
+    """The generation's tiles (:data:`DEFAULT_TILES`, clamped to T / S) and VMEM limit; see :func:`default_tiles`."""
+    return default_config_for(call, tpu_generation())
 
   def validate_config(self, call: SoftmaxCall, config: PallasTpuConfig) -> None:
-    resolve_tiles(config, call.T, call.S)
+    tiles = resolve_tiles(config, call.T, call.S)
+    if call.bias is not None:  # the dk/dv kernel reads (block_q_dkv, block_k_dkv) bias blocks: block_k_dkv is a lane
+      kernels.check_block(tiles.block_k_dkv, call.S, "lane", f"pallas_tpu: {type(config).__name__}.block_k_dkv",
+                          "S", "with a bias, also lanes of the (block_q_dkv, block_k_dkv) bias block")
 
   def fwd(self, call: SoftmaxCall, config: PallasTpuConfig, args):
-    q, k, v, _, q_ids, kv_ids = args
+    q, k, v, bias, q_ids, kv_ids = args
     tiles = resolve_tiles(config, call.T, call.S)
     plans = static_plans(call, tiles)
     out, lse = kernel_forward(q, k, v, q_ids, kv_ids, plans.fwd, tiles, scale=call.scale,
-                              soft_cap=call.logits_soft_cap)
-    return (out, lse), SoftmaxResiduals(q, k, v, None, q_ids, kv_ids, out, lse, plans)
+                              soft_cap=call.logits_soft_cap, bias=bias)
+    return (out, lse), SoftmaxResiduals(q, k, v, bias, q_ids, kv_ids, out, lse, plans)
 
   def residual_extra(self, call: SoftmaxCall, config: PallasTpuConfig) -> Plans:
     return static_plans(call, resolve_tiles(config, call.T, call.S))
 
   def bwd(self, call: SoftmaxCall, config: PallasTpuConfig, residuals: SoftmaxResiduals, cotangents, needs):
     tiles = resolve_tiles(config, call.T, call.S)
-    dq, dk, dv = kernel_backward(residuals, cotangents, tiles, scale=call.scale, soft_cap=call.logits_soft_cap,
-                                 needs=needs)
-    return dq, dk, dv, None, None, None
+    dq, dk, dv, dbias = kernel_backward_bias(residuals, cotangents, tiles, scale=call.scale,
+                                             soft_cap=call.logits_soft_cap, needs=needs)
+    return dq, dk, dv, dbias, None, None
 
 
 BACKEND = PallasTpuBackend()

@@ -183,8 +183,8 @@ def test_config_validation_and_defaults():
 
 def test_refusals():
   q, k, v, _, _ = _inputs(0, 1, 16, 16, 2, 2, 16, 16)
-  with pytest.raises(NotImplementedError, match="bias"):
-    jaxattn.softmax_attention(q, k, v, bias=jnp.zeros((16, 16)), implementation="pallas_gpu")
+  with pytest.raises(NotImplementedError, match="boolean mask arrays"):
+    jaxattn.softmax_attention(q, k, v, mask=jnp.ones((16, 16), bool), implementation="pallas_gpu")
   with pytest.raises(ValueError, match="block_q=24 must be a power of two"):
     jaxattn.softmax_attention(q, k, v, implementation="pallas_gpu", block_sizes=BS(24, 16))
   q2, k2, v2, _, _ = _inputs(0, 1, 16, 16, 1, 1, 512, 16)

@@ -207,8 +207,8 @@ def test_validation_through_api_and_refusals():
   q, k, v, _, _ = _inputs(0, 1, 200, 300, 2, 2, 128, 128)
   with pytest.raises(ValueError, match="block_k=100"):
     jaxattn.softmax_attention(q, k, v, implementation="pallas_tpu", block_sizes=BS(128, 100))
-  with pytest.raises(NotImplementedError, match="bias"):
-    jaxattn.softmax_attention(q, k, v, bias=jnp.zeros((200, 300)), implementation="pallas_tpu")
+  with pytest.raises(NotImplementedError, match="boolean mask arrays"):
+    jaxattn.softmax_attention(q, k, v, mask=jnp.ones((200, 300), bool), implementation="pallas_tpu")
   # The raw kernels check the rule too (interpret mode would not).
   lists = tpu.VisitLists(np.zeros((1, 1, 2, 1), np.int32), np.ones((1, 1, 2), np.int32),
                          np.zeros((1, 1, 2, 1), np.int32))
