@@ -92,25 +92,37 @@ class XlaConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PallasGpuConfig:
-  """The ``"pallas_gpu"`` backend's Config: chunk, state tiles and Triton launch parameters.
+  """The ``"pallas_gpu"`` backend's Config: chunk, tiles of the chunk-parallel passes and Triton launch parameters.
 
-  Sizes are powers of two >= 16 (Triton tile shapes); ``None`` tiles default to ``min(64, padded head dim)``.
-  The chunk is clamped to ``max(16, next_pow2(T))`` (a longer chunk would only pad).
+  Sizes are powers of two >= 16 (Triton tile shapes); ``None`` tiles take the defaults below, clamped to the padded
+  head dims (powers of two >= 16). The chunk is clamped to ``max(16, next_pow2(T))`` (a longer chunk would only
+  pad). See :mod:`pallas_kernels.linear.gpu` for the passes.
 
   Attributes:
     chunk_size: tokens per chunk ``C`` (the intra-chunk matrices are ``C x C``; default 64).
-    block_e: forward value tile (the state tile is ``[Dp, block_e]``).
-    block_d_dq: dq-kernel key tile.
-    block_e_dkv: dk/dv-kernel value tile.
-    num_warps, num_stages: Triton launch parameters of the three kernels.
+    block_e: output-pass value tile (default 64; 32 for f32 with head dims above 128).
+    block_d_dq: dq/dk-pass key tile (default: the whole key dim up to 128 for 16-bit inputs, 64 for f32, with the dv
+      pass fused in, unless a 16-bit log-decay gradient is needed; else 64).
+    block_e_dkv: dv-pass value tile (default 128 where the dq/dk pass may fuse, else 64).
+    num_warps: Triton warps of every pass, or None (default) for per-pass values (4, or 8 for the passes with the
+      largest register footprint).
+    num_stages: Triton pipelining stages of every pass.
+    block_d_state, block_e_state: the sequential state passes' ``[bd, be]`` tile of the state (default 64 x 64,
+      halved down to 32 x 32 while ``B * H * (D / bd) * (E / be) < 256``: every program walks all chunks).
+    state_interval: chunks per stored forward state ``K`` (a power of two, default 4; clamped to the number of
+      chunks): the forward's state pass stores every K-th chunk-entry state and each output program walks K chunks
+      from it (``1 / K`` of the state traffic).
   """
 
   chunk_size: int = 64
   block_e: int | None = None
   block_d_dq: int | None = None
   block_e_dkv: int | None = None
-  num_warps: int = 4
+  num_warps: int | None = None
   num_stages: int = 2
+  block_d_state: int | None = None
+  block_e_state: int | None = None
+  state_interval: int = 4
 
 
 @dataclasses.dataclass(frozen=True)

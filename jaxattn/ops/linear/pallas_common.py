@@ -1,8 +1,9 @@
-r"""What the ``pallas_gpu`` and ``pallas_tpu`` linear backends share: ``fwd`` / ``bwd`` over three kernels (forward,
-dq, dk/dv) and the log-decay gradient as a small XLA epilogue. :func:`jaxattn.backend.flash_vjp` joins them.
+r"""What the ``pallas_gpu`` and ``pallas_tpu`` linear backends share: ``fwd`` / ``bwd`` over their kernels and the
+log-decay gradient as a small XLA epilogue. :func:`jaxattn.backend.flash_vjp` joins them.
 
-Each backend subclasses :class:`PallasLinearBackend` and supplies ``kernel_fwd`` / ``kernel_dq`` / ``kernel_dkv``,
-which call its raw kernels with the static launch parameters of its Config.
+Each backend subclasses :class:`PallasLinearBackend` and supplies ``kernel_fwd`` and either ``kernel_dq`` /
+``kernel_dkv`` (the TPU's forward-sweep dq and reverse-sweep dk/dv kernels) or a whole ``kernel_bwd`` (the GPU's
+chunk-parallel passes), which call its raw kernels with the static launch parameters of its Config.
 
 Log-decay gradient. With ``G_t = sum_{u <= t} g_u`` the global cumulative log decay (per batch and query head),
 the output depends on ``G`` only through ``exp(G_t - G_s)`` factors, and differentiating the unrolled sums gives
@@ -14,7 +15,8 @@ the identity
 (``dq``: the full query gradient; ``dk^{(h)}``: the part of the key gradient flowing through query head ``h``;
 ``S_T`` the final state and ``dS_T`` its cotangent), and ``dL/dg_u = sum_{t >= u} dL/dG_t``. Taking ``q . dq`` and
 ``k . dk`` from the rounded gradients would lose the difference to the bf16 rounding of the matmul operands, so the
-kernels form its parts from f32 values instead: the dq kernel emits the state part ``rq_t = e^{a_t} q_t^T S_c dO_t``
+kernels form its parts from f32 values instead (TPU; the GPU's dq/dk pass emits the same sum ``rq + r`` from one
+kernel, see :mod:`pallas_kernels.linear.gpu`): the dq kernel emits the state part ``rq_t = e^{a_t} q_t^T S_c dO_t``
 (the state operand split into ``hi + lo`` for 16-bit inputs) and the dk/dv kernel ``r_t`` = the row minus the
 column sums of the f32 chunk matrix ``scale (q_i . k_j)(do_i . v_j) e^{a_i - a_j}`` minus the state part
 ``e^{A - a_t} k_t^T dS_{c+1} v_t``. The epilogue is then ``dL/dG = rq + r``, a reverse cumulative sum over ``T``
@@ -72,6 +74,18 @@ class PallasLinearBackend(Backend):
     """``-> (dk [B, T, G, D], dv [B, T, G, E], d_initial_state [B, H, D, E] f32, r [B, H, T] f32 or None)``."""
     raise NotImplementedError
 
+  def kernel_bwd(self, call, config, q, k, v, log_decay, initial_state, do, d_final_state, needs,
+                 log_decay_grad: bool):
+    """``-> (dq, dk, dv, d_initial_state f32, dG [B, H, T] f32 or None unless log_decay_grad)``, ``dG`` the
+    per-token ``dL/dG_t`` without the final-state term; gradients not in ``needs`` may be None. By default from
+    :meth:`kernel_dq` and :meth:`kernel_dkv` (``dG = rq + r``); a backend with another kernel split overrides it."""
+    dq = dk = dv = d_init = rq = r = None
+    if needs[0] or log_decay_grad:
+      dq, rq = self.kernel_dq(call, config, q, k, v, log_decay, initial_state, do, log_decay_grad)
+    if needs[1] or needs[2] or needs[4] or log_decay_grad:
+      dk, dv, d_init, r = self.kernel_dkv(call, config, q, k, v, log_decay, do, d_final_state, log_decay_grad)
+    return dq, dk, dv, d_init, (rq + r if log_decay_grad else None)
+
   def fwd(self, call: LinearCall, config, args):
     q, k, v, log_decay, initial_state = args
     out, state = self.kernel_fwd(call, config, q, k, v, log_decay, initial_state)
@@ -82,12 +96,9 @@ class PallasLinearBackend(Backend):
     dout, d_state = cotangents
     d_state = d_state.astype(jnp.float32)
     decay_grad = log_decay is not None and needs[3]
-    dq = dk = dv = d_init = rq = r = None
-    if needs[0] or decay_grad:
-      dq, rq = self.kernel_dq(call, config, q, k, v, log_decay, initial_state, dout, decay_grad)
-    if needs[1] or needs[2] or needs[4] or decay_grad:
-      dk, dv, d_init, r = self.kernel_dkv(call, config, q, k, v, log_decay, dout, d_state, decay_grad)
-    dg = log_decay_grad(log_decay, rq + r, state, d_state) if decay_grad else None
+    dq, dk, dv, d_init, dG = self.kernel_bwd(call, config, q, k, v, log_decay, initial_state, dout, d_state, needs,
+                                             decay_grad)
+    dg = log_decay_grad(log_decay, dG, state, d_state) if decay_grad else None
     d_init = None if (initial_state is None or d_init is None) else d_init.astype(initial_state.dtype)
     return dq, dk, dv, dg, d_init
 

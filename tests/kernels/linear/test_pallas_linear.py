@@ -147,19 +147,21 @@ def _reference_everything(q, k, v, ld, s0, w_out, w_state, scale):
 
 
 def test_gpu_raw_kernels_several_state_tiles():
-  """D = 40, E = 24 padded to 64 / 32 with 16-wide tiles: several E tiles (forward, dk partial sums) and D tiles."""
+  """D = 40, E = 24 padded to 64 / 32 with 16-wide tiles: several state tiles in both state passes, several value
+  tiles (output, dv) and key tiles (dq/dk); the constant-decay variant of the backward (no log-decay terms)."""
   q, k, v, ld, s0, w_out, w_state = _inputs(4, B=1, T=40, H=2, G=1, D=40, E=24, decay="token")
   scale = 0.3
-  blocks = gpu.BlockSizes(chunk=16, block_e=16, block_d_dq=16, block_e_dkv=16).resolve(40, 40, 24)
-  assert (blocks.chunk, blocks.block_e, blocks.block_d_dq, blocks.block_e_dkv) == (16, 16, 16, 16)
+  blocks = gpu.BlockSizes(chunk=16, block_d_state=16, block_e_state=16, block_e=16, block_d_dq=16,
+                          block_e_dkv=16).resolve(40, 40, 24)
+  assert (blocks.chunk, blocks.block_d_state, blocks.block_e_state, blocks.block_e, blocks.block_d_dq,
+          blocks.block_e_dkv) == (16,) * 6
 
   @jax.jit
   def kernels(q, k, v, ld, s0, do, dst):
     out, state = gpu.linear_fwd(q, k, v, ld, s0, scale=scale, blocks=blocks, interpret=True)
-    kw = dict(scale=scale, blocks=blocks, interpret=True, log_decay_grad=False)  # the constant-decay variant
-    dq, rq = gpu.linear_bwd_dq(q, k, v, ld, s0, do, **kw)
-    dk, dv, ds0, r = gpu.linear_bwd_dkv(q, k, v, ld, do, dst, **kw)
-    assert rq is None and r is None
+    dq, dk, dv, ds0, dG = gpu.linear_bwd(q, k, v, ld, s0, do, dst, scale=scale, blocks=blocks, interpret=True,
+                                         log_decay_grad=False)
+    assert dG is None
     return out, state, (dq, dk, dv, ds0)
 
   out, state, grads = kernels(q, k, v, ld, s0, w_out, w_state)
@@ -168,6 +170,20 @@ def test_gpu_raw_kernels_several_state_tiles():
   testing.assert_close(state, r_state, name="state")
   for name, g, r in zip(("dq", "dk", "dv", "dinitial_state"), grads, r_grads):
     testing.assert_close(g, r, kind="grad", name=name)
+
+
+@pytest.mark.parametrize("T,chunk,decay,init,tuning", [
+    (64, 16, "head", True, dict(state_interval=2)),  # 2 stored forward states, each walked over 2 chunks
+    (128, 32, "token", False, dict(state_interval=1, block_d_dq=16)),  # dq/dk in 2 key tiles + a separate dv pass
+    pytest.param(128, 16, "none", True, dict(state_interval=4), marks=pytest.mark.slow),
+    pytest.param(64, 32, "head", False, dict(block_e=16, block_e_dkv=16), marks=pytest.mark.slow),
+    pytest.param(100, 32, "token", True, dict(state_interval=2), marks=pytest.mark.slow),  # ragged: 100 = 3 * 32 + 4
+])
+def test_gpu_chunk_parallel_passes(T, chunk, decay, init, tuning):
+  """The chunk-parallel passes at D = E = 32 over 2-8 chunks: outputs, final state and every gradient (the per-head
+  decays include a reset and lambda ~ e^-60, so the chunk-boundary states cross them)."""
+  config = PallasGpuConfig(chunk_size=chunk, **tuning)
+  _compare(("pallas_gpu", config), *_inputs(12, B=1, T=T, H=4, G=2, D=32, E=32, decay=decay, init=init), chunk=None)
 
 
 def test_tpu_raw_kernels_lane_dense_layout():
@@ -195,7 +211,9 @@ def test_tpu_raw_kernels_lane_dense_layout():
 
 
 def test_lowers_for_tpu_and_cuda():
-  """Cross-lowering on CPU (no accelerator): three Mosaic custom calls for "tpu", three Triton calls for "cuda"."""
+  """Cross-lowering on CPU (no accelerator): three Mosaic custom calls for "tpu"; for "cuda" the forward's state and
+  output passes and the backward's state, reverse state and dq/dk passes, plus a separate dv pass when the dq/dk pass
+  is tiled (bf16 log-decay gradient at D = 128), else fused into it."""
   B, T, H, G, D = 1, 1000, 4, 2, 128
   x = jax.ShapeDtypeStruct((B, T, H, D), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((B, T, G, D), jnp.bfloat16)
@@ -214,9 +232,11 @@ def test_lowers_for_tpu_and_cuda():
     f = jax.jit(jax.grad(functools.partial(direct, **tpu_k), (0, 1, 2, 3, 4)))
     assert jax.export.export(f, platforms=["tpu"])(x, kv, kv, gates, st).mlir_module().count("tpu_custom_call") == 3
   with backend_lib.use_platform("gpu"):
-    for argnums in ((0, 1, 2, 3, 4), (0, 1, 2)):  # the decay differentiated, and a constant decay
+    for argnums, calls in (((0, 1, 2, 3, 4), 6), ((0, 1, 2), 5)):  # the decay differentiated, and a constant decay
       f = jax.jit(jax.grad(functools.partial(direct, **gpu_k), argnums))
-      assert f.trace(x, kv, kv, gates, st).lower(lowering_platforms=("cuda",)).as_text().count("xla.gpu.triton") == 3
+      text = f.trace(x, kv, kv, gates, st).lower(lowering_platforms=("cuda",)).as_text()
+      assert text.count("xla.gpu.triton") == calls, argnums
+      assert ("jaxattn_linear_bwd_dv" in text) == (calls == 6)
   # f32, per-head decay, head dim 64 (the transposed [B, H, T, D] layout) lowers too
   x32 = jax.ShapeDtypeStruct((B, 256, H, 64), jnp.float32)
   kv32 = jax.ShapeDtypeStruct((B, 256, G, 64), jnp.float32)
@@ -270,8 +290,19 @@ def test_backend_specific_refusals_and_tiling():
     gpu.BlockSizes(chunk=24)
   with pytest.raises(ValueError, match="num_warps"):
     gpu.BlockSizes(num_warps=3)
-  r = gpu.BlockSizes().resolve(20, 8, 200)
-  assert (r.chunk, r.block_e, r.block_d_dq, r.block_e_dkv) == (32, 64, 16, 64)
+  r = gpu.BlockSizes().resolve(20, 8, 200)  # Dp = 16, Ep = 256; the dq/dk tile is chosen per backward call
+  assert (r.chunk, r.state_interval, r.block_d_state, r.block_e_state, r.block_e, r.block_d_dq,
+          r.block_e_dkv) == (32, 1, 16, 64, 64, None, 128)
+  r = gpu.BlockSizes(block_d_dq=512).resolve(8192, 256, 256)
+  assert (r.chunk, r.state_interval, r.block_d_state, r.block_e_state, r.block_e, r.block_d_dq,
+          r.block_e_dkv) == (64, 4, 64, 64, 64, 256, 64)
+  # the state passes' tiles shrink until B * H * tiles >= 256 programs (value dim first, down to 32)
+  tiles = lambda heads: (lambda r: (r.block_d_state, r.block_e_state))(gpu.BlockSizes().resolve(8192, 128, 128,
+                                                                                                 heads=heads))
+  assert tiles(64) == (64, 64) and tiles(32) == (64, 32) and tiles(16) == (32, 32) and tiles(1) == (32, 32)
+  assert gpu.BlockSizes(block_e_state=64).resolve(8192, 128, 128, heads=16).block_e_state == 64
+  with pytest.raises(ValueError, match="state_interval"):
+    gpu.BlockSizes(state_interval=3)
   # CPU default never picks a kernel
   assert linear_api.DEFAULTS["cpu"] == ("xla",)
   assert linear_api.DEFAULTS["gpu"] == ("pallas_gpu", "xla")
@@ -281,7 +312,8 @@ def test_backend_specific_refusals_and_tiling():
 @pytest.mark.parametrize("impl,config,match", [
     ("pallas_gpu", PallasGpuConfig(chunk_size=24), r"pallas_gpu: PallasGpuConfig.chunk_size=24 must be a power of two"),
     ("pallas_gpu", PallasGpuConfig(block_e=8), r"pallas_gpu: PallasGpuConfig.block_e=8 must be a power of two"),
-    ("pallas_gpu", PallasGpuConfig(num_warps=3), r"pallas_gpu: PallasGpuConfig.num_warps=3 must be one of"),
+    ("pallas_gpu", PallasGpuConfig(num_warps=3), r"pallas_gpu: PallasGpuConfig.num_warps=3 must be None or one of"),
+    ("pallas_gpu", PallasGpuConfig(state_interval=6), r"pallas_gpu: PallasGpuConfig.state_interval=6 must be a power"),
     ("pallas_gpu", PallasGpuConfig(num_stages=0), r"pallas_gpu: PallasGpuConfig.num_stages=0 must be an int"),
     ("pallas_tpu", PallasTpuConfig(chunk_size=12), r"pallas_tpu: PallasTpuConfig.chunk_size=12 must be a multiple "
                                                    r"of 8 for float32"),
