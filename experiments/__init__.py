@@ -13,6 +13,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                                           "linear attention vs sparse-attention hybrid"),
     "gpu_compile": ("experiments.gpu_compile.run:main", "compile every GPU kernel for sm_90 / sm_80 without a GPU "
                                                         "and report shared memory per kernel"),
+    "tpu_compile": ("experiments.tpu_compile.run:main", "compile every TPU kernel and context-parallel strategy for "
+                                                        "v4 / v5e / v5p / v6e without a TPU: VMEM, collectives"),
     "cp_model": ("experiments.cp_model.run:main", "context-parallel cost model: per-device FLOPs, bytes, imbalance "
                                                   "and modelled step time of ring/all-gather/Ulysses/USP"),
 }

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from pallas_kernels.common.vmem import TPU_GENERATIONS as _TPU_GENERATIONS
+
 __all__ = ["LOG2E", "LN2", "MAX_HEAD_DIM", "NT", "TN", "NN", "TPU_SPECS", "is_pow2", "next_pow2", "padded_head_dim"]
 
 LOG2E = math.log2(math.e)  # exp(x) = exp2(x * LOG2E): the GPU kernels work in base 2
@@ -29,8 +31,7 @@ def padded_head_dim(d: int) -> int:
   return max(16, next_pow2(d))
 
 # Public spec-sheet peaks per TPU chip (Google Cloud TPU documentation): (dense bf16 matmul FLOP/s, HBM bytes/s),
-# for the kernels' roofline estimates (jaxattn.ops.softmax.pallas_tpu.kernel_cost, ...linear.pallas_tpu.kernel_cost).
+# for the kernels' roofline estimates (jaxattn.ops.softmax.pallas_tpu.kernel_cost, ...linear.pallas_tpu.kernel_cost);
+# the generations' table with VMEM sizes is pallas_kernels.common.vmem.TPU_GENERATIONS.
 TPU_SPECS: dict[str, tuple[float, float]] = {
-    "v5e": (197e12, 819e9),
-    "v5p": (459e12, 2765e9),
-}
+    name: (g.peak_bf16_flops, g.hbm_bytes_per_s) for name, g in _TPU_GENERATIONS.items()}
