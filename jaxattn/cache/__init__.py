@@ -8,11 +8,15 @@
   :func:`ada_snapkv_compress`, :func:`quest_select` / :func:`quest_attend`, :func:`select_topk_from_probs`; each
   ``*_select`` returns the ``(index, valid)`` selection the compressing function keeps.
 - Recycled Attention / RefreshKV: :class:`RecycledKVCache`, :func:`recycled_init`, :func:`recycled_decode_step`.
+- :mod:`jaxattn.cache.policy`: the same methods as frozen settings (``StreamingLLM``, ``H2O``, ``SnapKV``,
+  ``AdaSnapKV``, ``Quest``, ``Recycled``) for modules that own their cache:
+  ``jaxattn.nn.MultiHeadAttention.init_cache(..., policy=SnapKV(capacity=256))``.
 - :mod:`jaxattn.cache.reference`: numpy references of every selection (used by the tests).
 
 See :mod:`jaxattn.cache.kv` for the layout and the capacity rules.
 """
 
+from jaxattn.cache import policy as policy
 from jaxattn.cache.kv import KVCache as KVCache
 from jaxattn.cache.kv import append as append
 from jaxattn.cache.kv import attend as attend

@@ -4,7 +4,8 @@ The module projects inputs to queries ``[B, T, H, D]``, keys ``[B, S, G, D]`` an
 (grouped-query attention when ``G < H``), optionally rotates queries and keys with RoPE, calls
 :func:`jaxattn.softmax_attention` with a static :mod:`jaxattn.masks` mask and/or segment ids, and projects the
 heads back to ``out_features``. A key/value cache (``nnx.Cache`` variables) supports causal decoding one token at a
-time or in chunks (chunked prefill).
+time or in chunks (chunked prefill), optionally under a KV cache policy (:mod:`jaxattn.cache.policy`: StreamingLLM,
+H2O, SnapKV, Ada-SnapKV, Quest, Recycled Attention) given to :meth:`MultiHeadAttention.init_cache`.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -20,6 +21,8 @@ Example:
   >>> y = layer(x[:, 5:6], decode=True)   # then decode one at a time
   >>> int(layer.cache_index[...])
   6
+  >>> from jaxattn.cache import policy
+  >>> layer.init_cache(batch_size=2, max_length=16, policy=policy.StreamingLLM(window=4, sinks=2))
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from jaxattn.cache.kv import attend
+from jaxattn.cache.policy import CachePolicy, contiguous_view
 from jaxattn.masks import Causal, Full, Local, Mask, PerHead
 from jaxattn.nn._checks import head_layout, positive_int
 from jaxattn.nn.rope import apply_rope
@@ -106,7 +111,8 @@ class MultiHeadAttention(nnx.Module):
     deterministic: default of the call's ``deterministic`` (no dropout when True); ``module.eval()`` /
       ``module.train()`` set it. With ``dropout_rate > 0`` one of the two must be given.
     keep_rngs: store ``rngs.dropout.fork()`` as ``self.rngs`` (when ``dropout_rate > 0``) so calls need no
-      ``rngs``; with False every training call must pass ``rngs``. computation dtype of the projections and attention (None: promote inputs and parameters).
+      ``rngs``; with False every training call must pass ``rngs``.
+    dtype: computation dtype of the projections and attention (None: promote inputs and parameters).
     param_dtype: parameter dtype.
     use_bias: whether the four projections have biases.
     precision: ``jax.lax.Precision`` of the projections.
@@ -172,26 +178,52 @@ class MultiHeadAttention(nnx.Module):
     self.cached_key: nnx.Cache | None = nnx.data(None)  # [B, L, G, D]
     self.cached_value: nnx.Cache | None = nnx.data(None)  # [B, L, G, D]
     self.cache_index: nnx.Cache | None = nnx.data(None)  # int32 scalar: number of filled positions
+    self.cache_policy: CachePolicy | None = None  # static settings (init_cache)
+    self.policy_keep: nnx.Cache | None = nnx.data(None)  # [B, G, L] bool: slots the policy retains
+    self.policy_scores: nnx.Cache | None = nnx.data(None)  # [B, G, L] f32: accumulated attention (H2O)
+    self.policy_step: nnx.Cache | None = nnx.data(None)  # int32 scalar: decode steps under the policy
 
   # ------------------------------------------------------------------------------------------------------ cache
-  def init_cache(self, batch_size: int, max_length: int, dtype=None) -> None:
+  def init_cache(self, batch_size: int, max_length: int, dtype=None, *, policy: CachePolicy | None = None) -> None:
     """Creates an empty key/value cache for causal decoding (``decode=True``).
 
     Args:
       batch_size: ``B`` of the decoding calls.
       max_length: the cache length ``L``: the most tokens (prompt + generated) one sequence can hold.
       dtype: cache dtype (default: ``dtype`` of the module, else ``param_dtype``).
+      policy: a :mod:`jaxattn.cache.policy` setting (``StreamingLLM(window=...)``, ``H2O(budget=...)``,
+        ``SnapKV(capacity=...)``, ``AdaSnapKV``, ``Quest(budget=...)``, ``Recycled(k=...)``) or None (dense).
+        Decode calls with ``T > 1`` tokens (prefill) attend densely and let the policy select from them; calls
+        with one token attend over the slots the policy retains. The buffer keeps its ``L`` slots (the policy
+        acts as a key mask: outputs as if the other slots were evicted). Policies need the plain causal mask.
 
     Creates ``cached_key [B, L, G, D]``, ``cached_value [B, L, G, D]`` and ``cache_index`` (int32 scalar, 0), all
-    ``nnx.Cache`` variables. Calling it again resets the cache.
+    ``nnx.Cache`` variables, plus the policy's state (``policy_keep``, ``policy_scores``, ``policy_step``).
+    Calling it again resets the cache.
+
+    Raises:
+      ValueError: for non-positive sizes, or policy settings that do not fit ``max_length`` (naming them).
     """
     B = positive_int("batch_size", batch_size)
     L = positive_int("max_length", max_length)
+    if policy is not None and not isinstance(policy, CachePolicy):
+      raise ValueError(f"policy must be a jaxattn.cache.policy setting (e.g. SnapKV(capacity=...)) or None, got "
+                       f"{type(policy).__name__}")
+    if policy is not None:
+      policy.validate(L, self.num_kv_heads)
     dtype = dtype or self.dtype or self.param_dtype
     shape = (B, L, self.num_kv_heads, self.head_dim)
     self.cached_key = nnx.Cache(jnp.zeros(shape, dtype))
     self.cached_value = nnx.Cache(jnp.zeros(shape, dtype))
     self.cache_index = nnx.Cache(jnp.zeros((), jnp.int32))
+    self.cache_policy = policy
+    if policy is None:
+      self.policy_keep = self.policy_scores = self.policy_step = None
+    else:
+      state = policy.init_state(B, L, self.num_kv_heads)
+      self.policy_keep = nnx.Cache(state["keep"])
+      self.policy_scores = nnx.Cache(state["scores"])
+      self.policy_step = nnx.Cache(state["step"])
 
   # ------------------------------------------------------------------------------------------------------- call
   def __call__(self, x, context=None, *, mask: Mask | None = None, segment_ids=None, positions=None,
@@ -308,6 +340,10 @@ class MultiHeadAttention(nnx.Module):
     self.cached_value[...] = cv  # [B, L, G, D]
     self.cache_index[...] = idx + T
     ck, cv = ck.astype(q.dtype), cv.astype(q.dtype)
+    if self.cache_policy is not None:
+      if (lo, hi) != (None, 0):
+        raise ValueError(f"a cache policy needs the plain causal mask, got {mask!r}")
+      return self._decode_policy(q, ck, cv, idx + T, drop)
     j = jnp.arange(L, dtype=jnp.int32)  # key positions [L]
     q_ids = jnp.zeros((B, T), jnp.int32)
     if T == 1:
@@ -332,3 +368,26 @@ class MultiHeadAttention(nnx.Module):
     return softmax_attention(q, ck, cv, mask=static, segment_ids=(q_ids, kv_ids), scale=self.scale,
                              logits_soft_cap=self.logits_soft_cap, implementation=self.implementation,
                              **drop)
+
+  def _decode_policy(self, q, ck, cv, n, drop):
+    """``q [B, T, H, D]`` over the cache ``ck, cv [B, L, G, D]`` whose first ``n`` slots are written, under the
+    cache policy: prefill (``T > 1``) attends densely and updates the policy state; a step attends the retained
+    slots."""
+    if drop:
+      raise ValueError("attention dropout is not supported with a cache policy (decoding is inference)")
+    policy = self.cache_policy
+    D = q.shape[-1]
+    scale = float(D ** -0.5) if self.scale is None else self.scale
+    if self.logits_soft_cap is not None:
+      raise ValueError("logits_soft_cap is not supported with a cache policy")
+    view = contiguous_view(ck, cv, n, policy.needs_pages)
+    state = {"keep": self.policy_keep[...], "scores": self.policy_scores[...], "step": self.policy_step[...]}
+    if q.shape[1] > 1:
+      out = attend(q, view, scale=scale, implementation=self.implementation)
+      state = policy.after_prefill(q, view, state, scale=scale)
+    else:
+      out, state = policy.decode(q, view, state, scale=scale, implementation=self.implementation)
+    self.policy_keep[...] = state["keep"]
+    self.policy_scores[...] = state["scores"]
+    self.policy_step[...] = state["step"]
+    return out
