@@ -17,4 +17,5 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                                                         "v4 / v5e / v5p / v6e without a TPU: VMEM, collectives"),
     "cp_model": ("experiments.cp_model.run:main", "context-parallel cost model: per-device FLOPs, bytes, imbalance "
                                                   "and modelled step time of ring/all-gather/Ulysses/USP"),
+    "sparse_frontier": ("experiments.sparse_frontier.run:main", "Sparse Frontier: tiny LM accuracy and attention recall vs sparsity, sparse prefill vs sparse decode, at N and 2N"),
 }

@@ -7,6 +7,7 @@ Public surface::
     jaxattn.linear_attention(q, k, v, log_decay=..., causal=..., initial_state=..., return_final_state=...)
     jaxattn.linear_attention_step(q_t, k_t, v_t, state, log_decay=...)   # one decode step
     jaxattn.landmark_attention(q, k, v, block_size=...)   # grouped softmax over landmark blocks
+    jaxattn.decode_attention(q_t, k_cache, v_cache, lengths=..., index=..., return_stats=...)  # one-token decode
     jaxattn.BlockSizes, jaxattn.PallasGpuConfig, jaxattn.PallasTpuConfig   # softmax backends' tuning configs:
         # implementation=("xla", BlockSizes(...)) / ("pallas_gpu", PallasGpuConfig(...)) / block_sizes=BlockSizes(...)
     jaxattn.backend    # the op protocol: Backend, flash_vjp, dispatch, FallbackWarning, use_platform
@@ -24,6 +25,7 @@ from jaxattn import masks as masks
 from jaxattn import parallel as parallel
 from jaxattn import sparse as sparse
 from jaxattn import testing as testing
+from jaxattn.ops.decode import decode_attention as decode_attention
 from jaxattn.ops.landmark import landmark_attention as landmark_attention
 from jaxattn.ops.linear import linear_attention as linear_attention
 from jaxattn.ops.linear import linear_attention_step as linear_attention_step

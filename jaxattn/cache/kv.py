@@ -273,7 +273,9 @@ def attend(q, cache: KVCache, *, scale: float | None = None, key_mask=None, impl
   """Attention of the ``T`` newest queries ``q [B, T, H, D]`` over the cache via :func:`jaxattn.softmax_attention`.
 
   Per-sequence lengths, per-head validity (compressed caches), causality within the chunk and an optional
-  ``key_mask [B, G|H, L_max]`` selection become one boolean mask. Returns ``out [B, T, H, E]``.
+  ``key_mask [B, G|H, L_max]`` selection become one boolean mask. A decode step (``T = 1``, a per-kv-head or no
+  ``key_mask``, ``implementation`` a :func:`jaxattn.decode_attention` backend name or None) runs
+  :func:`jaxattn.decode_attention` instead. Returns ``out [B, T, H, E]``.
   """
   _check_q(q, cache, "attend")
   if q.dtype != cache.k.dtype:
@@ -281,10 +283,27 @@ def attend(q, cache: KVCache, *, scale: float | None = None, key_mask=None, impl
   return _attend(q, cache, key_mask, _scale(scale, q.shape[-1]), implementation)
 
 
+def decode_routable(implementation) -> bool:
+  """Whether ``implementation`` names a :func:`jaxattn.decode_attention` backend (or None): then one-token steps
+  run that op instead of ``softmax_attention``."""
+  from jaxattn.ops.decode.api import BACKENDS
+  return implementation is None or (isinstance(implementation, str) and implementation in BACKENDS)
+
+
 @functools.partial(jax.jit, static_argnums=(3, 4))
 def _attend(q, cache: KVCache, key_mask, scale: float, implementation):
   from jaxattn.ops.softmax import softmax_attention
   T, H = q.shape[1], q.shape[2]
+  G = cache.shape[2]
+  if T == 1 and decode_routable(implementation) and (key_mask is None or key_mask.shape[1] == G):
+    # One decode step: every written, valid slot holds an earlier position, so visible() is slot_valid() (& key_mask).
+    from jaxattn.ops.decode import decode_attention
+    valid = cache.valid
+    if key_mask is not None:
+      km = jnp.transpose(key_mask, (0, 2, 1))
+      valid = km if valid is None else valid & km
+    return decode_attention(q[:, 0], cache.k, cache.v, lengths=cache.lengths, valid=valid, scale=scale,
+                            implementation=implementation)[:, None]
   return softmax_attention(q, cache.k, cache.v, mask=visible(cache, T, H, key_mask), scale=scale,
                            implementation=implementation)
 

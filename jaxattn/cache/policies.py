@@ -23,6 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxattn.cache import kv
 from jaxattn.cache.kv import KVCache, _check_q, _scale, decode_with_probs, gather, static_int, visible
 
 _REDUCE = ("max", "mean")
@@ -390,13 +391,21 @@ def _quest_key_mask(pages, valid, P: int, page_size: int):
 def quest_attend(q, cache: KVCache, budget: int, *, share_pages: bool = True, scale: float | None = None,
                  implementation="xla"):
   """Quest decode attention: selects pages with :func:`quest_select` from the cache's page bounds and attends
-  ``q [B, 1, H, D]`` over their tokens. Returns ``(out [B, 1, H, E], pages, valid)``."""
+  ``q [B, 1, H, D]`` over their tokens (with ``share_pages`` and a :func:`jaxattn.decode_attention` backend name:
+  that op's gathered form, reading only the selected pages). Returns ``(out [B, 1, H, E], pages, valid)``."""
   from jaxattn.cache.kv import attend
   if not cache.page_size:
     raise ValueError("quest_attend: the cache has no page metadata; init it with page_size > 0")
   _contiguous(cache, "quest_attend")
   pages, valid = quest_select(q, cache.page_min, cache.page_max, budget, page_size=cache.page_size,
                               lengths=cache.lengths, share_pages=share_pages)
+  if share_pages and q.ndim == 4 and kv.decode_routable(implementation):  # sparse decode over the pages' tokens
+    from jaxattn.ops.decode import decode_attention
+    ps = cache.page_size
+    index = (pages[..., None] * ps + jnp.arange(ps, dtype=jnp.int32)).reshape(*pages.shape[:2], -1)
+    out = decode_attention(q[:, 0], cache.k, cache.v, lengths=cache.lengths, index=index,
+                           index_valid=jnp.repeat(valid, ps, axis=-1), scale=scale, implementation=implementation)
+    return out[:, None], pages, valid
   out = attend(q, cache, scale=scale, key_mask=quest_key_mask(cache, pages, valid), implementation=implementation)
   return out, pages, valid
 
