@@ -21,7 +21,7 @@ resume point; name them with ``--out`` to rebuild them.
 
 Examples::
 
-  python -m experiments mqar                          # default preset, about 7 minutes on 2 idle CPU cores
+  python -m experiments mqar                          # default preset, about 9 minutes on 2 idle CPU cores
   python -m experiments mqar --preset smoke           # under 2 minutes
   python -m experiments mqar --preset gpu --out /tmp/mqar_gpu
   python -m experiments mqar --mixers attention,baseconv --d_models 64 --train.epochs 2 --out /tmp/mqar_x
