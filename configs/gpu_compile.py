@@ -2,7 +2,8 @@
 
 Every build is one public op (``implementation="pallas_gpu"``, its default config) at ``[B, T, H, D]`` traced for
 the GPU and compiled ahead of time for a target card (deviceless XLA compilation; the CUDA plugin must be
-installed). ``default`` is the fast subset (bf16 at D=128, seconds per build); ``ci`` the one build CI compiles;
+installed). ``default`` is the fast subset (bf16 at D=128, seconds per build, with the ``mosaic_gpu`` Hopper kernels);
+``mosaic`` only those (D 64 and 128); ``ci`` the one build CI compiles;
 ``full`` covers every family,
 D in {64, 128, 256}, bf16 and f32, forward and forward+backward, for Hopper and Ampere limits (f32 backward builds
 take up to minutes each on 2 CPU cores).
@@ -13,6 +14,9 @@ from __future__ import annotations
 import dataclasses
 
 FAMILIES = ("softmax", "linear", "landmark")
+# Explicit-only backends, compiled by the presets that name them: "softmax_mosaic" is softmax_attention with
+# implementation="mosaic_gpu" (the Hopper kernels; h100 targets only).
+EXTRA_FAMILIES = ("softmax_mosaic",)
 MODES = ("fwd", "fwd_bwd")
 DTYPES = ("bfloat16", "float32")
 TARGETS = ("h100", "a100")  # sm_90 (232448 bytes of shared memory per block), sm_80 (166912)
@@ -48,7 +52,8 @@ class GpuCompilePreset:
   description: str = ""
 
   def __post_init__(self):
-    for field, allowed in (("families", FAMILIES), ("modes", MODES), ("dtypes", DTYPES), ("targets", TARGETS)):
+    for field, allowed in (("families", FAMILIES + EXTRA_FAMILIES), ("modes", MODES), ("dtypes", DTYPES),
+                           ("targets", TARGETS)):
       values = getattr(self, field)
       if not values:
         raise ValueError(f"GpuCompilePreset.{field} must be non-empty")
@@ -70,8 +75,9 @@ class GpuCompilePreset:
 
 
 DEFAULT = GpuCompilePreset(
-    "default", head_dims=(128,), dtypes=("bfloat16",),
-    description="fast subset: every family, D=128, bf16, fwd and fwd+bwd, landmark blocks 64 and 128, H100 (sm_90)")
+    "default", families=FAMILIES + EXTRA_FAMILIES, head_dims=(128,), dtypes=("bfloat16",),
+    description="fast subset: every family and the mosaic_gpu softmax kernels, D=128, bf16, fwd and fwd+bwd, "
+                "landmark blocks 64 and 128, H100 (sm_90)")
 FULL = GpuCompilePreset(
     "full", targets=TARGETS,
     description="every family, D in {64, 128, 256}, bf16 and f32, fwd and fwd+bwd, H100 (sm_90) and A100 (sm_80)")
@@ -79,4 +85,8 @@ CI = GpuCompilePreset(
     "ci", families=("landmark",), head_dims=(128,), dtypes=("bfloat16",), modes=("fwd_bwd",), block_sizes=(64,),
     T=1024, H=4, G=4, description="the CI check: landmark fwd+bwd, D=128, bf16, block 64 (the H200 failure)")
 
-PRESETS: dict[str, GpuCompilePreset] = {p.name: p for p in (DEFAULT, FULL, CI)}
+MOSAIC = GpuCompilePreset(
+    "mosaic", families=EXTRA_FAMILIES, head_dims=(64, 128), dtypes=("bfloat16",),
+    description="the mosaic_gpu (Hopper) softmax kernels: causal, D in {64, 128}, bf16, fwd and fwd+bwd, H100")
+
+PRESETS: dict[str, GpuCompilePreset] = {p.name: p for p in (DEFAULT, FULL, CI, MOSAIC)}

@@ -15,7 +15,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                                                         "and report shared memory per kernel"),
     "tpu_compile": ("experiments.tpu_compile.run:main", "compile every TPU kernel and context-parallel strategy for "
                                                         "v4 / v5e / v5p / v6e without a TPU: VMEM, collectives"),
+    "decode_bench": ("experiments.decode_bench.run:main", "decode-step time against context length: dense vs "
+                                                         "K = L/8 sparse decode_attention, jax.nn beside"),
     "cp_model": ("experiments.cp_model.run:main", "context-parallel cost model: per-device FLOPs, bytes, imbalance "
                                                   "and modelled step time of ring/all-gather/Ulysses/USP"),
-    "sparse_frontier": ("experiments.sparse_frontier.run:main", "Sparse Frontier: tiny LM accuracy and attention recall vs sparsity, sparse prefill vs sparse decode, at N and 2N"),
 }

@@ -16,9 +16,11 @@ Public surface::
     jaxattn.parallel   # context parallelism: ring (zigzag), all-gather, Ulysses, USP, linear state passing
     jaxattn.sparse     # training-free sparse prefill: vertical-slash, FlexPrefill, block top-k, attention recall
     jaxattn.cache      # KV cache for batched decoding; StreamingLLM, H2O, SnapKV, Ada-SnapKV, Quest, recycled attention
+    jaxattn.analysis   # attention capture / statistics / rollout / saliency, head masks, ACT, retrieval heads
     jaxattn.nn         # Flax NNX modules (imports flax; import it explicitly)
 """
 
+from jaxattn import analysis as analysis
 from jaxattn import backend as backend
 from jaxattn import cache as cache
 from jaxattn import masks as masks

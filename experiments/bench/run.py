@@ -126,7 +126,7 @@ def available_impls(include_reference: bool = False, requested: Sequence[str] | 
   for name in softmax_api.BACKENDS:
     if name == "reference" and not include_reference and not (requested and name in requested):
       continue
-    kernel_plat = name.split("_", 1)[1] if name.startswith("pallas_") else None
+    kernel_plat = {"pallas_gpu": "gpu", "pallas_tpu": "tpu", "mosaic_gpu": "gpu"}.get(name)  # kernels of a platform
     if kernel_plat is not None and kernel_plat != plat and not (requested and name in requested):
       why = (f"{name} on a {plat} backend would run in interpret mode (timings meaningless); "
              f"name it in --impls to time it anyway")

@@ -1,7 +1,9 @@
 """``python -m experiments gpu_compile``: compile every GPU kernel for sm_90 (and sm_80) without a GPU.
 
 Each build is one public op (``softmax_attention`` causal, ``linear_attention`` with a per-head decay,
-``landmark_attention`` per block size) with ``implementation="pallas_gpu"`` and its default config, forward or
+``landmark_attention`` per block size) with ``implementation="pallas_gpu"`` and its default config (family
+``softmax_mosaic``: ``softmax_attention`` causal with the explicit-only ``implementation="mosaic_gpu"``, Hopper
+targets only), forward or
 forward+backward, traced for the GPU (``jaxattn.backend.use_platform("gpu")``: the real Triton kernels, not interpret
 mode) and compiled ahead of time by XLA for a target card described by a ``GpuTargetConfigProto``
 (``h100_sxm.txtpb`` in this folder; the A100's is derived from it with the sm_80 limits). This needs the CUDA
@@ -12,7 +14,10 @@ Reported per build: the status (``ok``; ``overflow`` when a kernel needs more sh
 XLA's ``RESOURCE_EXHAUSTED`` or from the kernel's own allocation; ``refused`` when the backend's ``supports``
 declines the call, which dispatch turns into a fallback; ``error`` for anything else), the XLA compile time, and
 per Triton kernel its shared memory (bytes, from compiling the kernel's Triton module with the plugin's Triton
-compiler — a private jax API, ``jax._src.lib.triton``), warps and stages. Outputs in ``--out`` (default
+compiler — a private jax API, ``jax._src.lib.triton``), warps and stages; per Mosaic GPU kernel (fwd, dq, dk/dv in
+lowering order) the shared memory its lowering allocates (read from jax's Mosaic GPU lowering, a private API; the
+kernel itself stays MLIR in the executable and is compiled to SASS only when loaded on a GPU, see
+:func:`mosaic_gpu_probe`). Outputs in ``--out`` (default
 ``runs/gpu_compile/<preset>``): ``results.jsonl`` (one row per build) and ``results.md`` (the table, also printed).
 Exit status 1 when any build overflows or fails.
 
@@ -26,6 +31,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
@@ -45,6 +51,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 TARGET_FILE = HERE / "h100_sxm.txtpb"
 ARCH = {"h100": "9.0", "a100": "8.0"}
 _OVERFLOW = re.compile(r"requested (\d+), available:? (\d+)")
+_MOSAIC_OVERFLOW = re.compile(r"smem_bytes=(\d+) > max_smem_bytes=(\d+)")
 _PLUGIN_MODULES = ("jax_plugins.xla_cuda12", "jax_cuda12_plugin")
 
 
@@ -128,6 +135,8 @@ def builds(preset: gc_configs.GpuCompilePreset) -> list[Build]:
       for mode in preset.modes:
         for D in preset.head_dims:
           for family in preset.families:
+            if family == "softmax_mosaic" and target != "h100":
+              continue  # Hopper-only kernels (wgmma, TMA)
             for bs in (preset.block_sizes if family == "landmark" else (None,)):
               out.append(Build(family, mode, D, dtype, target, bs))
   return out
@@ -142,7 +151,10 @@ def op_fn(build: Build, preset: gc_configs.GpuCompilePreset, implementation="pal
   import jaxattn
 
   B, T, H, G, D = preset.B, preset.T, preset.H, preset.G, build.D
-  if build.family == "softmax":
+  if build.family == "softmax_mosaic":
+    impl = "mosaic_gpu" if implementation == "pallas_gpu" else implementation
+    op = lambda q, k, v: jaxattn.softmax_attention(q, k, v, mask=jaxattn.masks.Causal(), implementation=impl)
+  elif build.family == "softmax":
     op = lambda q, k, v: jaxattn.softmax_attention(q, k, v, mask=jaxattn.masks.Causal(),
                                                           implementation=implementation)
   elif build.family == "linear":
@@ -233,16 +245,26 @@ def compile_build(build: Build, preset: gc_configs.GpuCompilePreset, shardings: 
   f, shapes = op_fn(build, preset, implementation)
   specs = [jax.ShapeDtypeStruct(s, build.dtype, sharding=shardings[build.target]) for s in shapes]
   t0 = time.perf_counter()
+  mosaic_smem = []
   try:
-    with backend.use_platform("gpu"), use_smem_limit(limit):  # default configs chosen for the target card
-      lowered = jax.jit(f).trace(*specs).lower()
+    with backend.use_platform("gpu"), use_smem_limit(limit), _record_mosaic_smem(mosaic_smem):
+      lowered = jax.jit(f).trace(*specs).lower()  # default configs chosen for the target card
   except NotImplementedError as e:  # the backend's supports() refused: dispatch falls back
     row.update(status="refused", message=_first_line(e))
     return row
   except Exception as e:  # noqa: BLE001
-    row.update(status="error", message=f"lowering: {_first_line(e)}")
+    m = _MOSAIC_OVERFLOW.search(str(e))
+    if m:  # jax's Mosaic GPU lowering checks its shared-memory allocation against sm_90's limit
+      row.update(status="overflow", message=f"Mosaic GPU kernel: requested {m.group(1)}, available {m.group(2)}",
+                 max_smem=int(m.group(1)))
+    else:
+      row.update(status="error", message=f"lowering: {_first_line(e)}")
     return row
   row["lower_s"] = round(time.perf_counter() - t0, 2)
+  names = ("fwd", "dq", "dkv") if len(mosaic_smem) in (1, 3) else tuple(str(i) for i in range(len(mosaic_smem)))
+  for name, smem in zip(names, mosaic_smem):
+    row["kernels"].append(dict(name=f"mosaic_gpu_{name}", smem=smem, num_warps=None, num_stages=None, triton_s=0.0,
+                               error=""))
   if kernel_smem_check:
     for k in triton_kernels(lowered):
       smem, err, secs = kernel_smem(k, ARCH[build.target])
@@ -263,6 +285,29 @@ def compile_build(build: Build, preset: gc_configs.GpuCompilePreset, shardings: 
     m = _OVERFLOW.search(row["message"])
     row["max_smem"] = int(m.group(1)) if m else None
   return row
+
+
+@contextlib.contextmanager
+def _record_mosaic_smem(sizes: list):
+  """Appends the shared memory (bytes) of every Mosaic GPU kernel lowered inside to ``sizes`` (a private jax API:
+  without it nothing is recorded)."""
+  try:
+    from jax.experimental.mosaic.gpu import core
+    original = core._smem_tree_size
+  except (ImportError, AttributeError):
+    yield
+    return
+
+  def record(tree):
+    n = original(tree)
+    sizes.append(int(n))
+    return n
+
+  core._smem_tree_size = record
+  try:
+    yield
+  finally:
+    core._smem_tree_size = original
 
 
 def make_shardings(targets: Sequence[str]) -> dict:
@@ -330,7 +375,9 @@ def markdown(rows: list[dict]) -> str:
     b = Build(r["family"], r["mode"], r["D"], r["dtype"], r["target"], r["block_size"])
     for k in r["kernels"]:
       smem = k["smem"] if k["smem"] is not None else f"error: {k['error'][:80]}"
-      lines.append(f"| {b.label} | {k['name']} | {smem} | {k['num_warps']} | {k['num_stages']} | {k['triton_s']} |")
+      dash = lambda x: "-" if x is None else x
+      lines.append(f"| {b.label} | {k['name']} | {smem} | {dash(k['num_warps'])} | {dash(k['num_stages'])} | "
+                   f"{k['triton_s']} |")
   return "\n".join(lines) + "\n"
 
 

@@ -116,6 +116,9 @@ class MultiHeadAttention(nnx.Module):
     param_dtype: parameter dtype.
     use_bias: whether the four projections have biases.
     precision: ``jax.lax.Precision`` of the projections.
+    analysis_hook: a :class:`jaxattn.analysis.LayerHook` (capture statistics, head mask, probability hook, ACT)
+      applied to every call, or None. :func:`jaxattn.analysis.capture` / :func:`jaxattn.analysis.intervene` set
+      it for the duration of a ``with`` block. Not applied under a KV cache policy (raises).
     rngs: random generators for parameter initialisation (and the ``dropout`` stream, see ``keep_rngs``).
 
   Raises:
@@ -128,7 +131,7 @@ class MultiHeadAttention(nnx.Module):
                scale: float | None = None, logits_soft_cap: float | None = None,
                implementation=None, dropout_rate: float = 0.0, deterministic: bool | None = None,
                keep_rngs: bool = True, dtype=None, param_dtype=jnp.float32,
-               use_bias: bool = False, precision=None, rngs: nnx.Rngs):
+               use_bias: bool = False, precision=None, analysis_hook=None, rngs: nnx.Rngs):
     self.num_heads, self.in_features, self.num_kv_heads, self.head_dim, self.out_features = head_layout(
         num_heads, in_features, num_kv_heads, head_dim, out_features)
     self.in_kv_features = positive_int(
@@ -167,6 +170,9 @@ class MultiHeadAttention(nnx.Module):
     self.implementation = implementation
     self.dtype = dtype
     self.param_dtype = param_dtype
+    if analysis_hook is not None:
+      analysis_hook.check_heads(self.num_heads)
+    self.analysis_hook = analysis_hook  # static jaxattn.analysis.LayerHook or None
 
     H, G, D = self.num_heads, self.num_kv_heads, self.head_dim
     common = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
@@ -290,10 +296,15 @@ class MultiHeadAttention(nnx.Module):
         positions = jnp.arange(T) if positions is None else positions
         q = apply_rope(q, positions, self.rope_base)
         k = apply_rope(k, positions, self.rope_base)
-      out = softmax_attention(q, k, v, mask=mask, segment_ids=segment_ids, scale=self.scale,
-                              logits_soft_cap=self.logits_soft_cap, implementation=self.implementation,
-                              **drop)
+      out = self._softmax(q, k, v, mask=mask, segment_ids=segment_ids, **drop)
     return self.out(out)  # [B, T, Fout]
+
+  def _softmax(self, q, k, v, **kwargs):
+    """:func:`jaxattn.softmax_attention` with the module's settings, through ``analysis_hook`` when set."""
+    settings = dict(scale=self.scale, logits_soft_cap=self.logits_soft_cap, implementation=self.implementation)
+    if self.analysis_hook is None:
+      return softmax_attention(q, k, v, **settings, **kwargs)
+    return self.analysis_hook.attend(q, k, v, **settings, **kwargs)
 
   def _dropout_args(self, deterministic, rngs) -> dict:
     """``dropout_rate`` / ``dropout_rng`` for :func:`jaxattn.softmax_attention` (flax's rules for the key)."""
@@ -340,12 +351,22 @@ class MultiHeadAttention(nnx.Module):
     self.cached_value[...] = cv  # [B, L, G, D]
     self.cache_index[...] = idx + T
     ck, cv = ck.astype(q.dtype), cv.astype(q.dtype)
+    if self.cache_policy is not None and self.analysis_hook is not None:
+      raise ValueError("analysis hooks (capture / intervene) are not applied under a KV cache policy")
     if self.cache_policy is not None:
       if (lo, hi) != (None, 0):
         raise ValueError(f"a cache policy needs the plain causal mask, got {mask!r}")
       return self._decode_policy(q, ck, cv, idx + T, drop)
     j = jnp.arange(L, dtype=jnp.int32)  # key positions [L]
     q_ids = jnp.zeros((B, T), jnp.int32)
+    if self.analysis_hook is not None:
+      # Hooked decode: the allowed keys as a boolean [1, 1, T, L] array over the unrolled cache, so statistics
+      # (argmax, column sums) come out in absolute cache positions.
+      p = idx + jnp.arange(T, dtype=jnp.int32)[:, None]  # [T, 1] query positions
+      allowed = j[None, :] <= p + hi
+      if lo is not None:
+        allowed &= j[None, :] >= p + lo
+      return self._softmax(q, ck, cv, mask=allowed[None, None], **drop)
     if T == 1:
       # One query at absolute position idx: the band is a plain key range, expressed with kv segment ids.
       allowed = j <= idx + hi

@@ -15,12 +15,13 @@ import numpy as np
 from jaxattn import backend as backend_lib
 from jaxattn._validation import validate_qkv, validate_scale, validate_segment_ids, validate_soft_cap
 from jaxattn.masks import Full, Mask, PerHead
-from jaxattn.ops.softmax import cudnn, dropout, pallas_gpu, pallas_tpu, reference, xla
+from jaxattn.ops.softmax import cudnn, dropout, mosaic_gpu, pallas_gpu, pallas_tpu, reference, xla
 from jaxattn.ops.softmax.config import BlockSizes, SoftmaxCall
 
 OP = "softmax_attention"
 BACKENDS: dict[str, backend_lib.Backend] = {
-    b.name: b for b in (reference.BACKEND, xla.BACKEND, cudnn.BACKEND, pallas_gpu.BACKEND, pallas_tpu.BACKEND)}
+    b.name: b for b in (reference.BACKEND, xla.BACKEND, cudnn.BACKEND, pallas_gpu.BACKEND, pallas_tpu.BACKEND,
+                        mosaic_gpu.BACKEND)}  # mosaic_gpu: explicit only (not in DEFAULTS) until timed on Hopper
 DEFAULTS: dict[str, tuple[str, ...]] = {
     "cpu": ("xla",), "gpu": ("cudnn", "pallas_gpu", "xla"), "tpu": ("pallas_tpu", "xla")}
 
@@ -134,11 +135,11 @@ def softmax_attention(q, k, v, *, mask=None, segment_ids=None, bias=None, scale:
   B, T, H, D = q.shape
   S = k.shape[1]
   q_ids, kv_ids = validate_segment_ids(segment_ids, B, T, S)
-  bias = _validate_bias(bias, B, H, T, S)
-  mask, mask_arr = _validate_mask(mask, B, H, T, S)
+  bias = validate_bias(bias, B, H, T, S)
+  mask, mask_arr = validate_mask(mask, B, H, T, S)
   mask_array = mask_arr is not None
   if mask_array:
-    bias = _mask_to_bias(mask_arr, bias, T, S)
+    bias = mask_to_bias(mask_arr, bias, T, S)
   dropout_rate, seed = _validate_dropout(dropout_rate, dropout_rng)
   scale = validate_scale(scale, D)
   logits_soft_cap = validate_soft_cap(logits_soft_cap)
@@ -166,7 +167,7 @@ def _run(q, k, v, bias, q_ids, kv_ids, seed, *, implementation, call: SoftmaxCal
   return backend_lib.dispatch(OP, BACKENDS, implementation, DEFAULTS, call, args)
 
 
-def _validate_bias(bias, B, H, T, S):
+def validate_bias(bias, B, H, T, S):
   if bias is None:
     return None
   bias = jnp.asarray(bias)
@@ -182,7 +183,7 @@ def _validate_bias(bias, B, H, T, S):
 
 
 
-def _validate_mask(mask, B, H, T, S):
+def validate_mask(mask, B, H, T, S):
   """``-> (static mask or None, boolean [b, h, t, s] array or None)`` (see ``softmax_attention``'s ``mask``)."""
   if mask is None or isinstance(mask, Full):
     return None, None
@@ -211,7 +212,7 @@ def _validate_mask(mask, B, H, T, S):
   return None, jnp.asarray(mask).reshape(full)
 
 
-def _mask_to_bias(mask, bias, T, S):
+def mask_to_bias(mask, bias, T, S):
   """The boolean ``[b, h, t, s]`` mask (and the optional ``[b, h, T, S]`` bias) as one ``-inf``-carrying bias."""
   b, h = mask.shape[:2]
   if bias is None:

@@ -41,13 +41,13 @@ DEFAULT_BLOCK = 512
 
 
 @dataclasses.dataclass(frozen=True)
-class _Static:
+class BlockPlan:
   cfg: SoftmaxCall
   blocks: BlockSizes
 
 
 # ------------------------------------------------------------------------------------------------ layout helpers
-def _q_blocks(x, bq):
+def q_blocks(x, bq):
   """``[B, T, H, *] -> [nQ, B, G?, ..., bq, *]``: ``[B, T, G, R, D] -> [nQ, B, G, R, bq, D]`` etc."""
   B, T = x.shape[:2]
   nq = -(-T // bq)
@@ -58,20 +58,20 @@ def _q_blocks(x, bq):
   return x.transpose(perm)
 
 
-def _unq_blocks(x, T):
-  """Inverse of ``_q_blocks`` for ``[nQ, B, G, R, bq, E] -> [B, T, G, R, E]``."""
+def unq_blocks(x, T):
+  """Inverse of ``q_blocks`` for ``[nQ, B, G, R, bq, E] -> [B, T, G, R, E]``."""
   nq, B, G, R, bq, E = x.shape
   return x.transpose(1, 0, 4, 2, 3, 5).reshape(B, nq * bq, G, R, E)[:, :T]
 
 
-def _ids_blocks(ids, b):
+def ids_blocks(ids, b):
   """``[B, T] -> [nT, B, b]`` (padding with -1; padded positions are masked by the tiles anyway)."""
   B, T = ids.shape
   n = -(-T // b)
   return jnp.pad(ids, [(0, 0), (0, n * b - T)], constant_values=-1).reshape(B, n, b).transpose(1, 0, 2)
 
 
-def _bias_blocks(bias, R, bq, bk):
+def bias_blocks(bias, R, bq, bk):
   """``[b, h, T, S] -> [nQ, nK, b, Gb, Rb, bq, bk]`` (h == 1 broadcasts over heads)."""
   b, h, T, S = bias.shape
   nq, nk = -(-T // bq), -(-S // bk)
@@ -121,10 +121,10 @@ def head_tiles(mask: PerHead, T: int, S: int, block_q: int, block_k: int) -> tup
   return np.stack(tiles), tile_of
 
 
-class _Tile:
+class Tile:
   """Evaluates one (query block, kv block) tile: logits, masking, dropout bits, soft-cap derivative."""
 
-  def __init__(self, st: _Static, info: MaskInfo, dtype, seed=None):
+  def __init__(self, st: BlockPlan, info: MaskInfo, dtype, seed=None):
     cfg = self.cfg = st.cfg
     self.info = info
     self.head_tiles = self.head_tile_of = None
@@ -188,30 +188,30 @@ class _Tile:
     return ds
 
 
-def _safe(m):
+def safe_max(m):
   return jnp.where(jnp.isneginf(m), 0.0, m)
 
 
 # ----------------------------------------------------------------------------------------------------- forward
-def _forward(q, k, v, bias, q_ids, kv_ids, st: _Static, seed=None):
+def _forward(q, k, v, bias, q_ids, kv_ids, st: BlockPlan, seed=None):
   cfg = st.cfg
   B, T, H, D = q.shape
   _, S, G, E = v.shape
   R = H // G
   bq, bk = st.blocks.block_q, st.blocks.block_k
   info = visit_info(cfg.mask, T, S, bq, bk)
-  tile = _Tile(st, info, q.dtype, seed)
+  tile = Tile(st, info, q.dtype, seed)
   # Non-finite inputs (jaxattn.ops.nonfinite): v is zeroed where non-finite, and a query row / key whose q, k or v
   # has a non-finite entry becomes all-NaN in the logits operands, so it reaches only the pairs masking keeps.
   qs, bad_q = sanitize(q)
   ks, bad_k = sanitize(k)
   vs, bad_v = sanitize(v)
-  qB = _q_blocks(poison_rows(qs, bad_q).reshape(B, T, G, R, D), bq)  # [nQ, B, G, R, bq, D]
-  kB = _q_blocks(poison_rows(ks, bad_k | bad_v), bk)  # [nK, B, G, bk, D]
-  vB = _q_blocks(vs, bk)  # [nK, B, G, bk, E]
-  biasB = None if bias is None else _bias_blocks(bias, R, bq, bk)
-  qidB = None if q_ids is None else _ids_blocks(q_ids, bq)
-  kidB = None if kv_ids is None else _ids_blocks(kv_ids, bk)
+  qB = q_blocks(poison_rows(qs, bad_q).reshape(B, T, G, R, D), bq)  # [nQ, B, G, R, bq, D]
+  kB = q_blocks(poison_rows(ks, bad_k | bad_v), bk)  # [nK, B, G, bk, D]
+  vB = q_blocks(vs, bk)  # [nK, B, G, bk, E]
+  biasB = None if bias is None else bias_blocks(bias, R, bq, bk)
+  qidB = None if q_ids is None else ids_blocks(q_ids, bq)
+  kidB = None if kv_ids is None else ids_blocks(kv_ids, bk)
   kv_index, kv_count, kv_tile = (jnp.asarray(a) for a in (info.kv_index, info.kv_count, info.kv_tile))
 
   def one_q_block(qi):
@@ -224,7 +224,7 @@ def _forward(q, k, v, bias, q_ids, kv_ids, st: _Static, seed=None):
       s, _ = tile.logits(qblk, kB[kj], None if biasB is None else biasB[qi, kj], qid,
                          None if kidB is None else kidB[kj], kv_tile[qi, n], qi, kj)
       m_new = jnp.maximum(m, s.max(-1))
-      m_safe = _safe(m_new)
+      m_safe = safe_max(m_new)
       alpha = jnp.exp(m - m_safe)
       p = jnp.exp(s - m_safe[..., None])
       l = alpha * l + p.sum(-1)  # the normaliser ignores dropout: it drops normalised probabilities
@@ -238,17 +238,17 @@ def _forward(q, k, v, bias, q_ids, kv_ids, st: _Static, seed=None):
     m, l, acc = lax.fori_loop(0, kv_count[qi], body, match_vma(init, q, k, v, bias, q_ids, kv_ids))
     out = (acc / jnp.where(l == 0, 1.0, l)[..., None]).astype(q.dtype)
     # l == 0: no allowed key (lse -inf); a NaN l (the row attends a non-finite input) keeps lse NaN.
-    lse = jnp.where(l == 0, -jnp.inf, _safe(m) + jnp.log(jnp.where(l == 0, 1.0, l)))
+    lse = jnp.where(l == 0, -jnp.inf, safe_max(m) + jnp.log(jnp.where(l == 0, 1.0, l)))
     return out, lse
 
   outB, lseB = lax.map(one_q_block, jnp.arange(info.num_q_blocks))  # [nQ, B, G, R, bq, E], [nQ, B, G, R, bq]
-  out = _unq_blocks(outB, T).reshape(B, T, H, E)
-  lse = _unq_blocks(lseB[..., None], T).reshape(B, T, H).transpose(0, 2, 1)
+  out = unq_blocks(outB, T).reshape(B, T, H, E)
+  lse = unq_blocks(lseB[..., None], T).reshape(B, T, H).transpose(0, 2, 1)
   return out, lse
 
 
 # ---------------------------------------------------------------------------------------------------- backward
-def _backward(st: _Static, res: SoftmaxResiduals, g, needs=(True,) * 6):
+def _backward(st: BlockPlan, res: SoftmaxResiduals, g, needs=(True,) * 6):
   q, k, v, bias, q_ids, kv_ids, out, lse = res[:8]
   seed = res.extra if st.cfg.dropout_rate else None  # dropout bits are regenerated per tile from the seed
   dout, dlse = g
@@ -270,9 +270,9 @@ def _backward(st: _Static, res: SoftmaxResiduals, g, needs=(True,) * 6):
   return tuple(grads) + ((None,) if st.cfg.dropout_rate else ())
 
 
-def _row_blocks(x, B, T, G, R, bq):
+def row_blocks(x, B, T, G, R, bq):
   """``[B, T, H] -> [nQ, B, G, R, bq]`` for lse / delta."""
-  return _q_blocks(x.reshape(B, T, G, R, 1), bq)[..., 0]
+  return q_blocks(x.reshape(B, T, G, R, 1), bq)[..., 0]
 
 
 def _dq_pass(st, q, k, v, bias, q_ids, kv_ids, dout, lse, delta, seed=None):
@@ -282,19 +282,19 @@ def _dq_pass(st, q, k, v, bias, q_ids, kv_ids, dout, lse, delta, seed=None):
   R = H // G
   bq, bk = st.blocks.dq
   info = visit_info(cfg.mask, T, S, bq, bk)
-  tile = _Tile(st, info, q.dtype, seed)
-  qB = _q_blocks(q.reshape(B, T, G, R, D), bq)
-  doB = _q_blocks(dout.reshape(B, T, G, R, E), bq)
-  lseB, deltaB = _row_blocks(lse, B, T, G, R, bq), _row_blocks(delta, B, T, G, R, bq)
-  kB, vB = _q_blocks(k, bk), _q_blocks(v, bk)
-  biasB = None if bias is None else _bias_blocks(bias, R, bq, bk)
-  qidB = None if q_ids is None else _ids_blocks(q_ids, bq)
-  kidB = None if kv_ids is None else _ids_blocks(kv_ids, bk)
+  tile = Tile(st, info, q.dtype, seed)
+  qB = q_blocks(q.reshape(B, T, G, R, D), bq)
+  doB = q_blocks(dout.reshape(B, T, G, R, E), bq)
+  lseB, deltaB = row_blocks(lse, B, T, G, R, bq), row_blocks(delta, B, T, G, R, bq)
+  kB, vB = q_blocks(k, bk), q_blocks(v, bk)
+  biasB = None if bias is None else bias_blocks(bias, R, bq, bk)
+  qidB = None if q_ids is None else ids_blocks(q_ids, bq)
+  kidB = None if kv_ids is None else ids_blocks(kv_ids, bk)
   kv_index, kv_count, kv_tile = (jnp.asarray(a) for a in (info.kv_index, info.kv_count, info.kv_tile))
   nk = info.num_k_blocks
 
   def one_q_block(qi):
-    qblk, doblk, lse_b, delta_b = qB[qi], doB[qi], _safe(lseB[qi]), deltaB[qi]
+    qblk, doblk, lse_b, delta_b = qB[qi], doB[qi], safe_max(lseB[qi]), deltaB[qi]
     qid = None if qidB is None else qidB[qi]
 
     def body(n, carry):
@@ -319,7 +319,7 @@ def _dq_pass(st, q, k, v, bias, q_ids, kv_ids, dout, lse, delta, seed=None):
     return dq * cfg.scale, dbias
 
   dqB, dbiasB = lax.map(one_q_block, jnp.arange(info.num_q_blocks))
-  dq = _unq_blocks(dqB, T).reshape(B, T, H, D)
+  dq = unq_blocks(dqB, T).reshape(B, T, H, D)
   dbias = None
   if bias is not None:
     b, h = bias.shape[:2]
@@ -335,14 +335,14 @@ def _dkv_pass(st, q, k, v, bias, q_ids, kv_ids, dout, lse, delta, seed=None):
   R = H // G
   bq, bk = st.blocks.dkv
   info = visit_info(cfg.mask, T, S, bq, bk)
-  tile = _Tile(st, info, q.dtype, seed)
-  qB = _q_blocks(q.reshape(B, T, G, R, D), bq)
-  doB = _q_blocks(dout.reshape(B, T, G, R, E), bq)
-  lseB, deltaB = _safe(_row_blocks(lse, B, T, G, R, bq)), _row_blocks(delta, B, T, G, R, bq)
-  kB, vB = _q_blocks(k, bk), _q_blocks(v, bk)
-  biasB = None if bias is None else _bias_blocks(bias, R, bq, bk)
-  qidB = None if q_ids is None else _ids_blocks(q_ids, bq)
-  kidB = None if kv_ids is None else _ids_blocks(kv_ids, bk)
+  tile = Tile(st, info, q.dtype, seed)
+  qB = q_blocks(q.reshape(B, T, G, R, D), bq)
+  doB = q_blocks(dout.reshape(B, T, G, R, E), bq)
+  lseB, deltaB = safe_max(row_blocks(lse, B, T, G, R, bq)), row_blocks(delta, B, T, G, R, bq)
+  kB, vB = q_blocks(k, bk), q_blocks(v, bk)
+  biasB = None if bias is None else bias_blocks(bias, R, bq, bk)
+  qidB = None if q_ids is None else ids_blocks(q_ids, bq)
+  kidB = None if kv_ids is None else ids_blocks(kv_ids, bk)
   q_index, q_count, q_tile = (jnp.asarray(a) for a in (info.q_index, info.q_count, info.q_tile))
 
   def one_kv_block(kj):
@@ -390,11 +390,11 @@ class XlaBackend(Backend):
   def fwd(self, call: SoftmaxCall, config: BlockSizes, args):
     q, k, v, bias, q_ids, kv_ids = args[:6]
     seed = args[6] if len(args) > 6 else None  # the dropout seed (call.dropout_rate > 0): saved, not a T x S mask
-    out, lse = _forward(q, k, v, bias, q_ids, kv_ids, _Static(call, config), seed)
+    out, lse = _forward(q, k, v, bias, q_ids, kv_ids, BlockPlan(call, config), seed)
     return (out, lse), SoftmaxResiduals(q, k, v, bias, q_ids, kv_ids, out, lse, seed)
 
   def bwd(self, call: SoftmaxCall, config: BlockSizes, residuals: SoftmaxResiduals, cotangents, needs):
-    return _BACKWARD(_Static(call, config), residuals, cotangents, needs)
+    return _BACKWARD(BlockPlan(call, config), residuals, cotangents, needs)
 
 
 # The backward's loops have data-dependent trip counts: forward-mode over it works (Hessian-vector products),
