@@ -33,7 +33,8 @@ from jax import lax
 from jaxattn.ops.softmax import api
 from jaxattn.ops.softmax.config import BlockSizes, SoftmaxCall
 from jaxattn.ops.softmax.stats import prepare, attention_stats
-from jaxattn.ops.softmax.xla import BlockPlan, Tile, bias_blocks, ids_blocks, q_blocks, safe_max, unq_blocks, visit_info
+from jaxattn.ops.softmax.xla import (BlockPlan, Tile, kv_lists, q_blocks, safe_max, side_blocks, unq_blocks,
+                                    visit_info)
 
 __all__ = ["act_sinks", "act_calibrate", "act_row_bias", "act_attention"]
 
@@ -192,10 +193,8 @@ def _act_xla(q, k, v, bias, q_ids, kv_ids, sinks, *, call: SoftmaxCall, blocks: 
   kB, vB = q_blocks(k, bk), q_blocks(v, bk)  # [nK, B, G, bk, D|E]
   nk = info.num_k_blocks
   sinkB = jnp.pad(sinks, [(0, 0), (0, 0), (0, nk * bk - S)]).reshape(B, G, R, nk, bk).transpose(3, 0, 1, 2, 4)
-  biasB = None if bias is None else bias_blocks(bias, R, bq, bk)
-  qidB = None if q_ids is None else ids_blocks(q_ids, bq)
-  kidB = None if kv_ids is None else ids_blocks(kv_ids, bk)
-  kv_index, kv_count, kv_tile = (jnp.asarray(a) for a in (info.kv_index, info.kv_count, info.kv_tile))
+  biasB, qidB, kidB = side_blocks(bias, q_ids, kv_ids, R, bq, bk)
+  kv_index, kv_count, kv_tile = kv_lists(info)
   prec = tile.prec
 
   def one_q_block(qi):

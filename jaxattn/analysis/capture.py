@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 import jax
 import jax.numpy as jnp
 
-from jaxattn.analysis.hooks import ACT, CAPTURABLE, HeadMask, LayerHook, _Sink, _push
+from jaxattn.analysis.hooks import ACT, CAPTURABLE, HeadMask, LayerHook, Sink, push_sink
 
 __all__ = ["Records", "Capture", "attention_layers", "capture", "intervene", "HookedAttentionFn"]
 
@@ -118,7 +118,7 @@ class Capture:
 
   def __init__(self, layer_paths: tuple):
     self.layer_paths = layer_paths
-    self._sink = _Sink(traced=False)
+    self._sink = Sink(traced=False)
 
   @property
   def records(self) -> Records:
@@ -149,7 +149,7 @@ class Capture:
     traced) are returned as outputs, so it can be jitted (``nnx.jit(rec.wrap(fn))``) or differentiated with
     ``has_aux``."""
     def wrapped(*args, **kwargs):
-      with _push(_Sink(traced=True)) as sink:
+      with push_sink(Sink(traced=True)) as sink:
         out = fn(*args, **kwargs)
       return out, _records(self.layer_paths, sink.items)
     return wrapped
@@ -170,7 +170,7 @@ class HookedAttentionFn:
     import math
 
     from jaxattn.masks import Causal
-    from jaxattn.nn.adapters import _flatten_heads_last
+    from jaxattn.nn.adapters import flatten_heads_last
     fn = self.inner
     if module is not None:
       raise NotImplementedError("jaxattn's attention_fn cannot sow weights (sow_weights=True); use "
@@ -195,10 +195,10 @@ class HookedAttentionFn:
       static = Causal() if static is None else static & Causal()
     full_bias = None
     if bias is not None:
-      full_bias = _flatten_heads_last(jnp.asarray(bias, jnp.float32), batch, H, T, S, "bias")
+      full_bias = flatten_heads_last(jnp.asarray(bias, jnp.float32), batch, H, T, S, "bias")
     att_mask = static
     if mask is not None:
-      allowed = _flatten_heads_last(jnp.asarray(mask).astype(bool), batch, H, T, S, "mask")
+      allowed = flatten_heads_last(jnp.asarray(mask).astype(bool), batch, H, T, S, "mask")
       if static is not None:
         allowed = allowed & jnp.asarray(static.to_dense(T, S))
       att_mask = allowed
@@ -358,7 +358,7 @@ def capture(model, stats=("probs",), *, layers=None, stats_implementation: str =
       return old
     return dataclasses.replace(_base(path, old), stats=stats, stats_implementation=stats_implementation)
 
-  with _installed(model, update, on_unsupported), _push(rec._sink):
+  with _installed(model, update, on_unsupported), push_sink(rec._sink):
     yield rec
 
 

@@ -230,7 +230,7 @@ def _from_probs(probs, allowed, lse, want) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------- recording
-class _Sink:
+class Sink:
   """Collects ``(path, values)`` records; ``traced`` sinks accept tracers (they return them as outputs)."""
 
   def __init__(self, traced: bool):
@@ -242,7 +242,7 @@ _SINKS: contextvars.ContextVar[tuple] = contextvars.ContextVar("jaxattn_analysis
 
 
 @contextlib.contextmanager
-def _push(sink: _Sink):
+def push_sink(sink: Sink):
   token = _SINKS.set(_SINKS.get() + (sink,))
   try:
     yield sink

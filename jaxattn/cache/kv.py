@@ -203,7 +203,7 @@ def append(cache: KVCache, k, v) -> KVCache:
 
 
 # ----------------------------------------------------------------------------------------------------- attention
-def _check_q(q, cache: KVCache, name: str) -> tuple[int, int, int]:
+def check_q(q, cache: KVCache, name: str) -> tuple[int, int, int]:
   B, L, G, D, _ = cache.shape
   if q.ndim != 4 or q.shape[0] != B or q.shape[3] != D:
     raise ValueError(f"{name}: q must have shape [B={B}, T, H, D={D}], got {q.shape}")
@@ -232,7 +232,7 @@ def visible(cache: KVCache, T: int, H: int, key_mask=None) -> jax.Array:
   return allowed
 
 
-def _scale(scale, D: int) -> float:
+def resolve_scale(scale, D: int) -> float:
   from jaxattn._validation import validate_scale
   return validate_scale(scale, D)
 
@@ -248,8 +248,8 @@ def decode_with_probs(q, cache: KVCache, *, scale: float | None = None, key_mask
     ``out [B, T, H, E]`` in q's dtype and ``probs [B, T, H, L_max]`` f32 (0 on slots not seen; an all-zero row
     and output 0 for a query that sees no key).
   """
-  T, H, G = _check_q(q, cache, "decode_with_probs")
-  return _decode_with_probs(q, cache, _scale(scale, q.shape[-1]), key_mask)
+  T, H, G = check_q(q, cache, "decode_with_probs")
+  return _decode_with_probs(q, cache, resolve_scale(scale, q.shape[-1]), key_mask)
 
 
 @functools.partial(jax.jit, static_argnums=2)
@@ -277,10 +277,10 @@ def attend(q, cache: KVCache, *, scale: float | None = None, key_mask=None, impl
   ``key_mask``, ``implementation`` a :func:`jaxattn.decode_attention` backend name or None) runs
   :func:`jaxattn.decode_attention` instead. Returns ``out [B, T, H, E]``.
   """
-  _check_q(q, cache, "attend")
+  check_q(q, cache, "attend")
   if q.dtype != cache.k.dtype:
     raise ValueError(f"attend: q dtype {q.dtype} differs from the cache's {cache.k.dtype}")
-  return _attend(q, cache, key_mask, _scale(scale, q.shape[-1]), implementation)
+  return _attend(q, cache, key_mask, resolve_scale(scale, q.shape[-1]), implementation)
 
 
 def decode_routable(implementation) -> bool:

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxattn.cache import kv
-from jaxattn.cache.kv import KVCache, _check_q, _scale, decode_with_probs, gather, static_int, visible
+from jaxattn.cache.kv import KVCache, check_q, resolve_scale, decode_with_probs, gather, static_int, visible
 
 _REDUCE = ("max", "mean")
 
@@ -124,7 +124,7 @@ def streaming_llm(cache: KVCache, *, sinks: int = 4, window: int, room: int = 0)
 def attention_scores(q, cache: KVCache, *, gqa_reduce: str = "max", scale: float | None = None):
   """Accumulated attention ``[B, G, L_max]`` f32 of the ``T`` newest queries ``q [B, T, H, D]``: the causal
   probabilities summed over the queries, per query head, then reduced over each group with ``gqa_reduce``."""
-  _, _, G = _check_q(q, cache, "attention_scores")
+  _, _, G = check_q(q, cache, "attention_scores")
   if gqa_reduce not in _REDUCE:
     raise ValueError(f"gqa_reduce must be one of {_REDUCE}, got {gqa_reduce!r}")
   _, p = decode_with_probs(q, cache, scale=scale)  # [B, T, H, L]
@@ -179,7 +179,7 @@ def h2o(cache: KVCache, scores, *, budget: int, room: int = 0) -> KVCache:
 # ------------------------------------------------------------------------------------------------ SnapKV family
 def _check_snap(cache: KVCache, q_window, capacity, window, pool, keep_first, keep_last, name):
   _contiguous(cache, name)
-  T, H, G = _check_q(q_window, cache, name)
+  T, H, G = check_q(q_window, cache, name)
   window = static_int("window", window)
   if T != window:
     raise ValueError(f"{name}: q_window holds {T} queries but window is {window}")
@@ -210,7 +210,7 @@ def snapkv_scores(q_window, cache: KVCache, *, pool: int = 21, scale: float | No
   """SnapKV importance ``[B, G, L_max]`` (before forcing): window probabilities summed over the window queries and
   averaged over the group (``reduce="sum_mean"``, SnapKV) or maxed over both (``"max"``, Ada-SnapKV), then
   average-pooled with kernel ``pool``."""
-  _, _, G = _check_q(q_window, cache, "snapkv_scores")
+  _, _, G = check_q(q_window, cache, "snapkv_scores")
   p = _window_probs(q_window, cache, scale)
   if reduce == "sum_mean":
     imp = _reduce_group(jnp.sum(p, axis=1), G, "mean")
@@ -226,7 +226,7 @@ def snapkv_select(q_window, cache: KVCache, *, capacity: int, window: int, pool:
   """SnapKV selection ``(index, valid) [B, G, capacity]`` (see :func:`snapkv_compress`)."""
   capacity, pool, kf, kl, _, _ = _check_snap(cache, q_window, capacity, window, pool, keep_first, keep_last,
                                              "snapkv_compress")
-  return _snap_select(q_window, cache, capacity, pool, kf, kl, _scale(scale, q_window.shape[-1]))
+  return _snap_select(q_window, cache, capacity, pool, kf, kl, resolve_scale(scale, q_window.shape[-1]))
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
@@ -269,7 +269,7 @@ def ada_snapkv_select(q_window, cache: KVCache, *, capacity: int, window: int, p
   m = min(m, capacity)
   total = G * capacity
   c_max = min(L, total - (G - 1) * m)
-  return _ada_select(q_window, cache, capacity, pool, kf, kl, m, c_max, _scale(scale, q_window.shape[-1]))
+  return _ada_select(q_window, cache, capacity, pool, kf, kl, m, c_max, resolve_scale(scale, q_window.shape[-1]))
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7, 8))

@@ -34,7 +34,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxattn.cache.kv import KVCache, _scale, append, attend, decode_with_probs, gather, static_int
+from jaxattn.cache.kv import KVCache, resolve_scale, append, attend, decode_with_probs, gather, static_int
 from jaxattn.cache.policies import select_topk_from_probs
 
 SCHEDULES = ("fixed", "query_similarity")
@@ -84,7 +84,7 @@ def recycled_init(cache: KVCache, q_last, *, k: int, room: int = 0, pool: int = 
   pool = static_int("pool", pool)
   if pool % 2 == 0:
     raise ValueError(f"pool must be odd (a centred window), got {pool}")
-  return _init(cache, q_last, k, room, pool, gqa_reduce, _scale(scale, q_last.shape[-1]))
+  return _init(cache, q_last, k, room, pool, gqa_reduce, resolve_scale(scale, q_last.shape[-1]))
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
@@ -155,7 +155,7 @@ def recycled_decode_step(state: RecycledKVCache, q, k_new, v_new, *, k: int, sch
   if pool % 2 == 0:
     raise ValueError(f"pool must be odd (a centred window), got {pool}")
   return _step(state, q, k_new, v_new, k, schedule, stride, qc_stride, float(threshold), bool(evict), pool,
-               gqa_reduce, _scale(scale, D), implementation)
+               gqa_reduce, resolve_scale(scale, D), implementation)
 
 
 @functools.partial(jax.jit, static_argnums=tuple(range(4, 14)))

@@ -116,13 +116,13 @@ class AttentionFn:
 
     full_bias = None
     if bias is not None:
-      full_bias = _flatten_heads_last(jnp.asarray(bias, jnp.float32), batch, H, T, S, "bias")  # [B|1, H|1, T, S]
+      full_bias = flatten_heads_last(jnp.asarray(bias, jnp.float32), batch, H, T, S, "bias")  # [B|1, H|1, T, S]
     att_mask = static
     if mask is not None:
       # The dense mask goes to softmax_attention as a boolean mask array (exact: masked pairs excluded after the
       # soft cap; rows with no allowed key return 0, jaxattn's convention, where flax's default returns the mean of
       # the values); a static mask given here is folded into it.
-      allowed = _flatten_heads_last(jnp.asarray(mask).astype(bool), batch, H, T, S, "mask")  # [B|1, H|1, T, S]
+      allowed = flatten_heads_last(jnp.asarray(mask).astype(bool), batch, H, T, S, "mask")  # [B|1, H|1, T, S]
       if static is not None:
         allowed = allowed & jnp.asarray(static.to_dense(T, S))
       att_mask = allowed
@@ -133,7 +133,7 @@ class AttentionFn:
     return out.reshape(*batch, T, H, out.shape[-1])
 
 
-def _flatten_heads_last(x, batch: tuple[int, ...], H: int, T: int, S: int, name: str):
+def flatten_heads_last(x, batch: tuple[int, ...], H: int, T: int, S: int, name: str):
   """Broadcasts ``x`` (to ``[batch..., H, T, S]``) and flattens it to ``[B|1, H|1, T, S]``.
 
   A head or batch axis of size 1 stays 1 so the bias is not replicated needlessly.

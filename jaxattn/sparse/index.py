@@ -74,7 +74,7 @@ def _int(name: str, value, *, lo: int = 1) -> int:
   return int(value)
 
 
-def _check_qk(q, k) -> tuple[int, int, int, int, int, int]:
+def check_qk(q, k) -> tuple[int, int, int, int, int, int]:
   """``(B, T, S, H, G, D)`` of ``q [B, T, H, D]``, ``k [B, S, G, D]`` (``T <= S``, ``H % G == 0``)."""
   if getattr(q, "ndim", None) != 4 or getattr(k, "ndim", None) != 4:
     raise ValueError(f"q and k must have rank 4 (q [B, T, H, D], k [B, S, G, D]), got shapes "
@@ -96,7 +96,7 @@ def _check_qk(q, k) -> tuple[int, int, int, int, int, int]:
   return B, T, S, H, G, D
 
 
-def _scale(scale, D: int) -> float:
+def resolve_scale(scale, D: int) -> float:
   if scale is None:
     return float(D) ** -0.5
   if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.integer, np.floating)):
@@ -222,7 +222,7 @@ class VerticalSlashSelection:
 @functools.partial(jax.jit, static_argnames=("T", "S"))
 def _vs_mask(cols, col_valid, offs, off_valid, *, T: int, S: int):
   col_set, off_set = _scatter_set(cols, col_valid, n=S), _scatter_set(offs, off_valid, n=S)
-  return _vs_tile(col_set, off_set, jnp.arange(T) + (S - T), S)
+  return vs_tile(col_set, off_set, jnp.arange(T) + (S - T), S)
 
 
 @functools.partial(jax.jit, static_argnames=("n",))
@@ -232,7 +232,7 @@ def _scatter_set(ids, valid, *, n: int):
   return jnp.zeros((B, H, n), bool).at[b, h, jnp.where(valid, ids, n)].set(True, mode="drop")
 
 
-def _vs_tile(col_set, off_set, pos, S: int):
+def vs_tile(col_set, off_set, pos, S: int):
   """bool ``[B, H, len(pos), S]``: rows at absolute positions ``pos`` under a column / offset selection."""
   j = jnp.arange(S)
   d = pos[:, None] - j[None, :]  # [R, S]
@@ -350,9 +350,9 @@ class _VSMixin:
   def select(self, q, k, *, scale: float | None = None) -> VerticalSlashSelection:
     """The token-level selection from ``q [B, T, H, D]``, ``k [B, S, G, D]`` (jit-able; ``scale`` static,
     default ``D ** -0.5``, used only for the estimation softmax)."""
-    B, T, S, H, G, D = _check_qk(q, k)
+    B, T, S, H, G, D = check_qk(q, k)
     _check_vs_budgets(self, T, S)
-    cols, cv, offs, ov = _select_vs(jnp.asarray(q), jnp.asarray(k), cfg=self, scale=_scale(scale, D))
+    cols, cv, offs, ov = _select_vs(jnp.asarray(q), jnp.asarray(k), cfg=self, scale=resolve_scale(scale, D))
     return VerticalSlashSelection(cols, cv, offs, ov, T, S)
 
   def build(self, q, k, *, block_q: int, block_k: int, scale: float | None = None) -> BlockIndex:
@@ -563,7 +563,7 @@ class BlockTopK:
 
   def build(self, q, k, *, block_q: int, block_k: int, scale: float | None = None) -> BlockIndex:
     """The block lists from ``q [B, T, H, D]``, ``k [B, S, G, D]`` (jit-able)."""
-    B, T, S, H, G, D = _check_qk(q, k)
+    B, T, S, H, G, D = check_qk(q, k)
     block_q, block_k = _int("block_q", block_q), _int("block_k", block_k)
     nk = -(-S // block_k)
     if self.top_k > nk:
@@ -574,7 +574,7 @@ class BlockTopK:
       raise ValueError(f"BlockTopK.top_k={self.top_k} is below the forced blocks (first + {self.force_local} local "
                        f"= up to {need} at block_q={block_q}, block_k={block_k})")
     idx, cnt = _block_topk(jnp.asarray(q), jnp.asarray(k), cfg=self, bq=block_q, bk=block_k,
-                           scale=_scale(scale, D))
+                           scale=resolve_scale(scale, D))
     return BlockIndex(idx, cnt, block_q, block_k, T, S)
 
   def token_mask(self, q, k, *, block_q: int, block_k: int, scale: float | None = None):
@@ -610,13 +610,13 @@ class BlockTopK:
 
 
 def _block_areas(T: int, S: int, bq: int, bk: int) -> np.ndarray:
-  """int64 ``[nQ, nK]``: causal pairs per block (closed form, see :func:`_causal_count`)."""
+  """int64 ``[nQ, nK]``: causal pairs per block (closed form, see :func:`causal_count`)."""
   nq, nk = -(-T // bq), -(-S // bk)
   qb, kb = np.arange(nq)[:, None], np.arange(nk)[None, :]
-  return _causal_count(np, qb, kb, T, S, bq, bk)
+  return causal_count(np, qb, kb, T, S, bq, bk)
 
 
-def _causal_count(xp, qb, kb, T: int, S: int, bq: int, bk: int):
+def causal_count(xp, qb, kb, T: int, S: int, bq: int, bk: int):
   """Causal pairs in block ``(qb, kb)``: ``sum_{p in rows} clip(p - j0 + 1, 0, len_k)`` in closed form (integer
   arrays; at most ``block_q * block_k`` per block)."""
   shift = S - T
@@ -664,7 +664,7 @@ def _block_topk(q, k, *, cfg: BlockTopK, bq: int, bk: int, scale: float):
   score = jnp.einsum("bqgrd,bkgd->bgrqk", qm.reshape(B, nq, G, R, D), km,
                      precision=_HI).reshape(B, H, nq, nk) * scale
   qb, kb = jnp.arange(nq)[:, None], jnp.arange(nk)[None, :]
-  causal = _causal_count(jnp, qb, kb, T, S, bq, bk) > 0  # [nQ, nK]
+  causal = causal_count(jnp, qb, kb, T, S, bq, bk) > 0  # [nQ, nK]
   forced = _forced_blocks(jnp, qb, kb, T, S, bq, bk, cfg.force_first, cfg.force_local) & causal
   key = jnp.where(forced, jnp.inf, jnp.where(causal, score, -jnp.inf))
   vals, ids = lax.top_k(key, cfg.top_k)

@@ -23,7 +23,7 @@ import numpy as np
 from jax import lax
 
 from jaxattn.masks import Causal, Mask
-from jaxattn.sparse.index import (BlockIndex, VerticalSlashSelection, _causal_count, _check_qk, _scale, _vs_tile,
+from jaxattn.sparse.index import (BlockIndex, VerticalSlashSelection, causal_count, check_qk, resolve_scale, vs_tile,
                                   causal_mask)
 
 __all__ = ["Recall", "Sparsity", "attention_recall", "sparsity"]
@@ -77,7 +77,7 @@ def attention_recall(q, k, selection, *, mask: Mask | None = None, scale: float 
   Returns:
     :class:`Recall` ``(per_head [B, H], mean [])``, float32; 1.0 for a selection covering every allowed pair.
   """
-  B, T, S, H, G, D = _check_qk(q, k)
+  B, T, S, H, G, D = check_qk(q, k)
   kind = _kind(selection, T, S, H)
   mask = causal_mask(T, S) if mask is None else mask
   if not isinstance(mask, Mask):
@@ -91,7 +91,7 @@ def attention_recall(q, k, selection, *, mask: Mask | None = None, scale: float 
     arrays = (selection.indices, selection.counts)
   else:
     arrays = (selection.column_set(), selection.offset_set())
-  per_head = _recall(jnp.asarray(q), jnp.asarray(k), arrays, kind=kind, mask=mask, scale=_scale(scale, D), bq=bq,
+  per_head = _recall(jnp.asarray(q), jnp.asarray(k), arrays, kind=kind, mask=mask, scale=resolve_scale(scale, D), bq=bq,
                      bk=selection.block_k if kind == "blocks" else 0)
   return Recall(per_head, per_head.mean())
 
@@ -137,7 +137,7 @@ def _recall(q, k, arrays, *, kind: str, mask: Mask, scale: float, bq: int, bk: i
       row = jnp.zeros((B, H, nk), bool).at[b, h, ids].set(True, mode="drop")
       sel = jnp.repeat(row, bk, axis=-1)[:, :, None, :S]
     elif kind == "vs":
-      sel = _vs_tile(arrays[0], arrays[1], rows + shift, S)
+      sel = vs_tile(arrays[0], arrays[1], rows + shift, S)
     else:
       sel = lax.dynamic_slice_in_dim(sel_all, qi * bq, bq, 2)
     covered = jnp.where(sel, p, 0.0).sum((-1, -2))  # [B, H]
@@ -192,7 +192,7 @@ def _block_computed(idx, cnt, *, T: int, S: int, bq: int, bk: int):
   first = jnp.concatenate([jnp.ones_like(ids[..., :1], bool), ids[..., 1:] != ids[..., :-1]], axis=-1)
   keep = first & (ids >= 0) & (ids < nk)
   qb = jnp.arange(idx.shape[2])[:, None]
-  area = _causal_count(jnp, qb, ids, T, S, bq, bk)  # [B, H, nQ, K]
+  area = causal_count(jnp, qb, ids, T, S, bq, bk)  # [B, H, nQ, K]
   return jnp.sum(jnp.where(keep, area, 0).astype(jnp.float32), axis=(-1, -2))  # f32: may exceed int32
 
 

@@ -32,6 +32,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common import NT
 from pallas_kernels.decode.lists import fetch_order
+from pallas_kernels.softmax.tpu import lanes
 
 __all__ = ["NUM_LANES", "block_rule", "decode_attention"]
 
@@ -48,15 +49,6 @@ def block_rule(block_k, L: int) -> str | None:
     return f"breaks the TPU (8, 128) tiling rule: it is the lane dim of the logits, so it must be a multiple of " \
            f"{NUM_LANES} or cover the whole key axis (L={L})"
   return None
-
-
-def _lanes(x, n: int):
-  """``[r, 128]`` lane-replicated values -> ``[r, n]``."""
-  if n % NUM_LANES == 0:
-    return x if n == NUM_LANES else jnp.tile(x, (1, n // NUM_LANES))
-  if n < NUM_LANES:
-    return x[:, :n]
-  return jnp.broadcast_to(x[:, :1], (x.shape[0], n))
 
 
 def _bad_rows(x, R: int):
@@ -97,18 +89,18 @@ def _kernel(fetch_ref, counts_ref, lengths_ref, q_ref, k_ref, v_ref, *rest, G: i
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))
     m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)  # nothing allowed yet: shift by 0, p = 0
     alpha = jnp.exp(m_prev - m_safe)
-    p = jnp.exp(s - _lanes(m_safe, s.shape[1]))
+    p = jnp.exp(s - lanes(m_safe, s.shape[1]))
     l_scr[...] = alpha * l_prev + jnp.sum(p, axis=-1, keepdims=True)
     m_scr[...] = m_next
     pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=_F32, precision=prec)
-    acc_scr[...] = acc_scr[...] * _lanes(alpha, E) + pv
+    acc_scr[...] = acc_scr[...] * lanes(alpha, E) + pv
 
   @pl.when(j == NB - 1)
   def _end():
     l = l_scr[...]
     ok = l != 0  # a NaN l (the row attends a non-finite input) keeps its NaN
     inv = jnp.where(ok, 1.0 / jnp.where(ok, l, 1.0), 0.0)
-    o_ref[...] = (acc_scr[...] * _lanes(inv, o_ref.shape[-1])).astype(o_ref.dtype)
+    o_ref[...] = (acc_scr[...] * lanes(inv, o_ref.shape[-1])).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(ok, m_scr[...] + jnp.log(jnp.where(ok, l, 1.0)), -jnp.inf)
 
 

@@ -130,7 +130,7 @@ def _allowed(shape, *, qid, kid, tiles_ref, tile_id, col0, kv_len):
   return keep
 
 
-def _check_lists(name, lists: BlockLists, B, H, rows, tiles, block):
+def check_lists(name, lists: BlockLists, B, H, rows, tiles, block):
   if lists.index.ndim != 4 or lists.count.ndim != 3:
     raise ValueError(f"{name}: index must be [Bl, Hl, {rows}, K] and count [Bl, Hl, {rows}], got "
                      f"{lists.index.shape} and {lists.count.shape}")
@@ -151,7 +151,7 @@ def _check_lists(name, lists: BlockLists, B, H, rows, tiles, block):
   return Bl, Hl
 
 
-def _pad_to(x, axis, size, value=0):
+def pad_to(x, axis, size, value=0):
   if x.shape[axis] == size:
     return x
   pad = [(0, 0)] * x.ndim
@@ -242,17 +242,17 @@ def flash_forward(q, k, v, q_ids, kv_ids, lists: BlockLists, tiles, *, block_q: 
   R = H // G
   nq, nk = pl.cdiv(T, block_q), pl.cdiv(S, block_k)
   Tp, Sp, Dp, Ep = nq * block_q, nk * block_k, padded_head_dim(D), padded_head_dim(E)
-  Bl, Hl = _check_lists("flash_forward", lists, B, H, nq, tiles, (block_q, block_k))
+  Bl, Hl = check_lists("flash_forward", lists, B, H, nq, tiles, (block_q, block_k))
   K = lists.index.shape[-1]
   has_ids = q_ids is not None
   bias_spec, bias = _bias_rows(bias, "flash_forward", B, H, T, S, Tp, Sp, block_q, lambda i: nq - 1 - i)
 
   q, k, v = forward_operands(q, k, v)  # non-finite inputs reach allowed pairs only (pallas_kernels.common.nonfinite)
-  qp = _pad_to(_pad_to(q, 1, Tp), 3, Dp)
-  kp = _pad_to(_pad_to(k, 1, Sp), 3, Dp)
-  vp = _pad_to(_pad_to(v, 1, Sp), 3, Ep)
-  qid = _pad_to(q_ids, 1, Tp, -1) if has_ids else None
-  kid = _pad_to(kv_ids, 1, Sp, -2) if has_ids else None
+  qp = pad_to(pad_to(q, 1, Tp), 3, Dp)
+  kp = pad_to(pad_to(k, 1, Sp), 3, Dp)
+  vp = pad_to(pad_to(v, 1, Sp), 3, Ep)
+  qid = pad_to(q_ids, 1, Tp, -1) if has_ids else None
+  kid = pad_to(kv_ids, 1, Sp, -2) if has_ids else None
   tiles = _prep_tiles(tiles)
 
   qb = lambda i: nq - 1 - i
@@ -381,7 +381,7 @@ def _dq_call(q, k, v, q_ids, kv_ids, do, lse, delta, lists: BlockLists, tiles, b
   nq, nk = pl.cdiv(T, block_q), pl.cdiv(S, block_k)
   Tp, Sp, Dp, Ep = nq * block_q, nk * block_k, padded_head_dim(D), padded_head_dim(E)
   name = "flash_backward_dq" if dbias_dtype is None else "flash_backward_dq_dbias"
-  Bl, Hl = _check_lists(name, lists, B, H, nq, tiles, (block_q, block_k))
+  Bl, Hl = check_lists(name, lists, B, H, nq, tiles, (block_q, block_k))
   K = lists.index.shape[-1]
   has_ids = q_ids is not None
   with_dbias = dbias_dtype is not None
@@ -390,14 +390,14 @@ def _dq_call(q, k, v, q_ids, kv_ids, do, lse, delta, lists: BlockLists, tiles, b
   bias_spec, biasp = _bias_rows(bias, name, B, H, T, S, Tp, Sp, block_q, lambda i: nq - 1 - i)
 
   q, k, v = backward_operands(q, k, v)  # zeroed; poisoned rows carry NaN in lse / delta
-  qp = _pad_to(_pad_to(q, 1, Tp), 3, Dp)
-  kp = _pad_to(_pad_to(k, 1, Sp), 3, Dp)
-  vp = _pad_to(_pad_to(v, 1, Sp), 3, Ep)
-  dop = _pad_to(_pad_to(do, 1, Tp), 3, Ep)
-  lse2 = _pad_to(_lse2(lse), 2, Tp)
-  deltap = _pad_to(delta.astype(jnp.float32), 2, Tp)
-  qid = _pad_to(q_ids, 1, Tp, -1) if has_ids else None
-  kid = _pad_to(kv_ids, 1, Sp, -2) if has_ids else None
+  qp = pad_to(pad_to(q, 1, Tp), 3, Dp)
+  kp = pad_to(pad_to(k, 1, Sp), 3, Dp)
+  vp = pad_to(pad_to(v, 1, Sp), 3, Ep)
+  dop = pad_to(pad_to(do, 1, Tp), 3, Ep)
+  lse2 = pad_to(_lse2(lse), 2, Tp)
+  deltap = pad_to(delta.astype(jnp.float32), 2, Tp)
+  qid = pad_to(q_ids, 1, Tp, -1) if has_ids else None
+  kid = pad_to(kv_ids, 1, Sp, -2) if has_ids else None
   tiles = _prep_tiles(tiles)
 
   qb = lambda i: nq - 1 - i
@@ -510,20 +510,20 @@ def flash_backward_dkv(q, k, v, q_ids, kv_ids, do, lse, delta, lists_t: BlockLis
   R = H // G
   nq, nk = pl.cdiv(T, block_q), pl.cdiv(S, block_k)
   Tp, Sp, Dp, Ep = nq * block_q, nk * block_k, padded_head_dim(D), padded_head_dim(E)
-  Bl, Hl = _check_lists("flash_backward_dkv", lists_t, B, H, nk, tiles, (block_q, block_k))
+  Bl, Hl = check_lists("flash_backward_dkv", lists_t, B, H, nk, tiles, (block_q, block_k))
   Kt = lists_t.index.shape[-1]
   has_ids = q_ids is not None
   Bb, Hb = (1, 1) if bias is None else check_bias("flash_backward_dkv", bias, B, H, T, S)
 
   q, k, v = backward_operands(q, k, v)  # zeroed; poisoned rows carry NaN in lse / delta
-  qp = _pad_to(_pad_to(q, 1, Tp), 3, Dp)
-  kp = _pad_to(_pad_to(k, 1, Sp), 3, Dp)
-  vp = _pad_to(_pad_to(v, 1, Sp), 3, Ep)
-  dop = _pad_to(_pad_to(do, 1, Tp), 3, Ep)
-  lse2 = _pad_to(_lse2(lse), 2, Tp)
-  deltap = _pad_to(delta.astype(jnp.float32), 2, Tp)
-  qid = _pad_to(q_ids, 1, Tp, -1) if has_ids else None
-  kid = _pad_to(kv_ids, 1, Sp, -2) if has_ids else None
+  qp = pad_to(pad_to(q, 1, Tp), 3, Dp)
+  kp = pad_to(pad_to(k, 1, Sp), 3, Dp)
+  vp = pad_to(pad_to(v, 1, Sp), 3, Ep)
+  dop = pad_to(pad_to(do, 1, Tp), 3, Ep)
+  lse2 = pad_to(_lse2(lse), 2, Tp)
+  deltap = pad_to(delta.astype(jnp.float32), 2, Tp)
+  qid = pad_to(q_ids, 1, Tp, -1) if has_ids else None
+  kid = pad_to(kv_ids, 1, Sp, -2) if has_ids else None
   tiles = _prep_tiles(tiles)
 
   # grid (kv block, batch x kv head); query-side blocks cover the R query heads of kv head g: [Tp, R, d].

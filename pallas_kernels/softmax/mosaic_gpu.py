@@ -44,7 +44,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.common import LN2, LOG2E, NN, NT
 from pallas_kernels.common.nonfinite import backward_operands, forward_operands
-from pallas_kernels.softmax.gpu import BlockLists
+from pallas_kernels.softmax.gpu import BlockLists, check_lists, pad_to
 
 __all__ = ["ROWS_PER_WG", "MAX_HEAD_DIM", "SMEM_LIMIT", "interpret_params", "flash_forward", "flash_backward_dq",
            "flash_backward_dkv", "flatten_transposed_lists", "smem_bytes", "padded_dim"]
@@ -117,36 +117,53 @@ def _logits2(s, *, scale, soft_cap):
   return t * (soft_cap * LOG2E), t
 
 
-def _pad_to(x, axis, size, value=0):
-  if x.shape[axis] == size:
-    return x
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pad, constant_values=value)
+def _mask_block(s2, n, slot, wg, at, *, L, row_ids, col_ids, idx_ref, kv_len, tid_ref, tile_smem, t_bar):
+  """The logits ``s2`` of list step ``n`` (streamed into ``slot``) with disallowed entries at ``-inf``.
 
-
-def _mask(s2, *, keep_ids, tile_fn, tid, bound):
-  """``s2`` with disallowed entries at ``-inf``.
-
-  ``keep_ids``: bool array or None; ``tile_fn(s2) -> s2 masked by the partial tile`` (called only when
-  ``tid > 0``) or None; ``bound``: bool array (iota bound of padded columns) or None.
+  ``row_ids``: the owned rows' segment ids (array) compared with the slot's ``col_ids`` buffer, or None;
+  ``kv_len``: the bound of padded columns of block ``idx_ref[*at, n]``, or None; ``tid_ref``: the tile ids
+  (``tid_ref[*at, n] > 0``: await ``t_bar`` and apply warpgroup ``wg``'s pattern in ``tile_smem``), or None.
   """
-  if keep_ids is not None:
-    s2 = jnp.where(keep_ids, s2, _NEG_INF)
-  if bound is not None:
-    s2 = jnp.where(bound, s2, _NEG_INF)
-  if tile_fn is not None:
-    s2 = lax.cond(tid > 0, tile_fn, lambda x: x, s2)
-  return s2
+  shape = s2.shape
+  keep = []
+  if row_ids is not None:
+    cols = L.load(col_ids.at[slot], plgpu.Layout.WGMMA.reduce(0))
+    keep.append(_bcast(row_ids, shape, 0) == _bcast(cols, shape, 1))
+  if kv_len is not None:
+    keep.append(L.iota(shape, 1) + idx_ref[(*at, n)] * shape[1] < kv_len)
+  tid = tid_ref[(*at, n)] if tid_ref is not None else None
+  for ok in keep:
+    s2 = jnp.where(ok, s2, _NEG_INF)
+  if tid is None:
+    return s2
+
+  def tile_fn(x):
+    plgpu.barrier_wait(t_bar.at[slot])
+    return jnp.where(tile_smem.at[slot, wg][...] != 0, x, _NEG_INF)
+
+  return lax.cond(tid > 0, tile_fn, lambda x: x, s2)
 
 
-def _producer(total, fetch, drain, stages: int):
-  """The producer warpgroup's loop: ``fetch(step, slot, wait_consumed)`` for every step, ``stages`` ahead.
+def _ds(p, dp, delta, axis, t, masked, dtype):
+  """``dS = p * (dP - delta)`` (times the soft cap's ``1 - tanh^2``), exact zeros where masked, in ``dtype``.
 
-  Afterwards ``drain(slot)`` waits for the consumers' release of each slot's last use, so the producer observes
-  every phase of the "consumed" barriers (the interpreter checks this at deallocation; on the GPU a CTA's barriers
-  die with it, so the wait only idles the producer at the end).
+  ``delta`` runs along ``axis`` of the tile (0: query rows, dq; 1: query columns, dk/dv); the zeros also hold in a
+  row whose lse / delta is NaN.
   """
+  ds = p * (dp - _bcast(delta, dp.shape, axis))
+  if t is not None:
+    ds = ds * (1.0 - t * t)
+  return jnp.where(masked, 0.0, ds).astype(dtype)
+
+
+def _producer(total, fetch, used, stages: int):
+  """The producer warpgroup: ``fetch(step, slot, wait_consumed)`` for every step, ``stages`` ahead.
+
+  Afterwards it waits for the consumers' release (the ``used`` barriers) of each slot's last use, so the producer
+  observes every phase of the "consumed" barriers (the interpreter checks this at deallocation; on the GPU a CTA's
+  barriers die with it, so the wait only idles the producer at the end).
+  """
+  plgpu.set_max_registers(40, action="decrease")
   for i in range(stages):
     @pl.when(i < total)
     def _prologue():
@@ -159,26 +176,99 @@ def _producer(total, fetch, drain, stages: int):
   lax.fori_loop(jnp.int32(stages), jnp.maximum(total, stages), body, ())
 
   def tail(step, _):
-    drain(lax.rem(step, stages))
+    slot = lax.rem(step, stages)
+    for bar in used:
+      plgpu.barrier_wait(bar.at[slot])
     return ()
 
   lax.fori_loop(jnp.maximum(total - stages, 0), total, tail, ())
 
 
-def _check(name, lists: BlockLists, B, H, rows, tiles, block):
-  if lists.index.ndim != 4 or lists.count.ndim != 3:
-    raise ValueError(f"{name}: index must be [Bl, Hl, {rows}, K] and count [Bl, Hl, {rows}], got "
-                     f"{lists.index.shape} and {lists.count.shape}")
-  Bl, Hl, n, _ = lists.index.shape
-  if Bl not in (1, B) or Hl not in (1, H) or n != rows:
-    raise ValueError(f"{name}: index shape {lists.index.shape} must be [1|{B}, 1|{H}, {rows}, K]")
-  if lists.count.shape != (Bl, Hl, rows):
-    raise ValueError(f"{name}: count shape {lists.count.shape} must be {(Bl, Hl, rows)}")
-  if (lists.tile is None) != (tiles is None):
-    raise ValueError(f"{name}: pass both tile ids and tiles, or neither")
-  if tiles is not None and (tiles.ndim != 3 or tuple(tiles.shape[1:]) != block):
-    raise ValueError(f"{name}: tiles must be [U, {block[0]}, {block[1]}], got {tiles.shape}")
-  return Bl, Hl
+def _fetch_tile(tiles_ref, tile_smem, t_bar, tid, slot, wgs):
+  """Copies partial tile ``tid`` (when > 0) into ``slot``: one copy per warpgroup's rows (TMA takes at most 5
+  strided dims)."""
+  @pl.when(tid > 0)
+  def _tile():
+    for w in range(wgs):
+      plgpu.copy_gmem_to_smem(tiles_ref.at[tid, w], tile_smem.at[slot, w], t_bar.at[slot])
+
+
+def _kv_producer(count, at, b, g, *, bk, wgs, stages, idx_ref, tid_ref, refs, bufs, bars):
+  """The forward / dq producer: block ``idx_ref[*at, n]`` of K (with its kv ids and the step's partial tile) and V.
+
+  ``refs`` = ``(k_ref, v_ref, kid_ref, tiles_ref)`` in global memory, ``bufs`` = ``(k_smem, v_smem, kid_smem,
+  tile_smem)``, ``bars`` = ``(k_bar, v_bar, t_bar, k_used, v_used)``; ``kid_ref`` / ``tid_ref`` None without ids /
+  tiles.
+  """
+  k_ref, v_ref, kid_ref, tiles_ref = refs
+  k_smem, v_smem, kid_smem, tile_smem = bufs
+  k_bar, v_bar, t_bar, k_used, v_used = bars
+
+  def fetch(n, slot, wait):
+    ks = pl.ds(idx_ref[(*at, n)] * bk, bk)
+    if wait:
+      plgpu.barrier_wait(k_used.at[slot])
+    plgpu.copy_gmem_to_smem(k_ref.at[b, ks, g], k_smem.at[slot], k_bar.at[slot])
+    if kid_ref is not None:
+      plgpu.copy_gmem_to_smem(kid_ref.at[b, ks], kid_smem.at[slot], k_bar.at[slot])
+    if tid_ref is not None:
+      _fetch_tile(tiles_ref, tile_smem, t_bar, tid_ref[(*at, n)], slot, wgs)
+    if wait:
+      plgpu.barrier_wait(v_used.at[slot])
+    plgpu.copy_gmem_to_smem(v_ref.at[b, ks, g], v_smem.at[slot], v_bar.at[slot])
+
+  _producer(count, fetch, (k_used, v_used), stages)
+
+
+def _q_program(nq, R, Bl, Hl):
+  """The forward / dq CTA's ``(b, h, wg, query block, kv head, list batch, list head)``; heaviest (causal) query
+  blocks first."""
+  b, h, wg = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
+  qb = nq - 1 - lax.axis_index("q")
+  return b, h, wg, qb, lax.div(h, jnp.int32(R)), b if Bl > 1 else 0, h if Hl > 1 else 0
+
+
+def _pad_operands(q, k, v, q_ids, kv_ids, Tp, Sp, Dp, Ep):
+  """q, k, v padded to ``Tp`` / ``Sp`` rows and ``Dp`` / ``Ep`` features (zeros); ids (or None) padded with
+  ``-1`` (queries) / ``-2`` (keys), which match nothing."""
+  qp = pad_to(pad_to(q, 1, Tp), 3, Dp)
+  kp = pad_to(pad_to(k, 1, Sp), 3, Dp)
+  vp = pad_to(pad_to(v, 1, Sp), 3, Ep)
+  if q_ids is None:
+    return qp, kp, vp, None, None
+  return qp, kp, vp, pad_to(q_ids.astype(jnp.int32), 1, Tp, -1), pad_to(kv_ids.astype(jnp.int32), 1, Sp, -2)
+
+
+def _lse2(lse):
+  """Natural-log lse -> base 2, with -inf (empty rows) replaced by 0 (their p is 0 anyway)."""
+  return jnp.where(jnp.isneginf(lse), 0.0, lse * LOG2E).astype(jnp.float32)
+
+
+def _pad_grads(do, lse, delta, dtype, Tp, Ep):
+  """``dO`` (zero rows: padded queries contribute nothing), base-2 lse and delta padded to ``Tp`` rows."""
+  dop = pad_to(pad_to(do.astype(dtype), 1, Tp), 3, Ep)
+  return dop, pad_to(_lse2(lse), 2, Tp), pad_to(delta.astype(jnp.float32), 2, Tp)
+
+
+def _slot_barriers(wgs, stages, has_tiles):
+  """The pattern tiles' "filled" barriers (or None) and the two streams' "consumed" barriers."""
+  used = lambda: plgpu.Barrier(num_arrivals=wgs, num_barriers=stages)
+  return (used() if has_tiles else None, used(), used())
+
+
+def _launch(kernel, out_type, bufs, bars, grid, grid_names, wgs, interpret, *args):
+  """``plgpu.kernel`` with ``wgs`` compute warpgroups and one producer warpgroup per CTA."""
+  return plgpu.kernel(
+      kernel,
+      out_type=out_type,
+      scratch_types=(bufs, bars),
+      grid=grid,
+      grid_names=grid_names,
+      num_threads=wgs + 1,
+      thread_name="wg",
+      compiler_params=_params(),
+      interpret=interpret,
+  )(*args)
 
 
 def _check_shapes(name, q, k, v, block_rows, stages):
@@ -288,7 +378,7 @@ def flash_forward(q, k, v, q_ids, kv_ids, lists: BlockLists, tiles, *, block_q: 
   bq, bk = ROWS_PER_WG, block_k
   nq, nk = pl.cdiv(T, block_q), pl.cdiv(S, block_k)
   Tp, Sp, Dp, Ep = nq * block_q, nk * block_k, padded_dim(D), padded_dim(E)
-  Bl, Hl = _check("flash_forward", lists, B, H, nq, tiles, (block_q, block_k))
+  Bl, Hl = check_lists("flash_forward", lists, B, H, nq, tiles, (block_q, block_k))
   has_ids, has_tiles = q_ids is not None, tiles is not None
   kv_len = S if (not has_tiles and S != Sp) else None
   dtype = q.dtype
@@ -297,12 +387,7 @@ def flash_forward(q, k, v, q_ids, kv_ids, lists: BlockLists, tiles, *, block_q: 
   L = _Layouts(interpret)
   sched = schedule_barrier and wgs == 2
 
-  q, k, v = forward_operands(q, k, v)
-  qp = _pad_to(_pad_to(q, 1, Tp), 3, Dp)
-  kp = _pad_to(_pad_to(k, 1, Sp), 3, Dp)
-  vp = _pad_to(_pad_to(v, 1, Sp), 3, Ep)
-  qid = _pad_to(q_ids.astype(jnp.int32), 1, Tp, -1) if has_ids else None
-  kid = _pad_to(kv_ids.astype(jnp.int32), 1, Sp, -2) if has_ids else None
+  qp, kp, vp, qid, kid = _pad_operands(*forward_operands(q, k, v), q_ids, kv_ids, Tp, Sp, Dp, Ep)
   tiles16 = _tiles_bf16(tiles, wgs)
   tid_arr = lists.tile if has_tiles else None
 
@@ -310,11 +395,7 @@ def flash_forward(q, k, v, q_ids, kv_ids, lists: BlockLists, tiles, *, block_q: 
              bars):
     q_smem, o_smem, lse_smem, qid_smem, k_smem, v_smem, kid_smem, tile_smem = bufs
     q_bar, k_bar, v_bar, t_bar, k_used, v_used, sched_bar = bars
-    b, h, wg = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
-    qb = nq - 1 - lax.axis_index("q")  # heaviest (causal) query blocks first
-    g = lax.div(h, jnp.int32(R))
-    lb = b if Bl > 1 else 0
-    lh = h if Hl > 1 else 0
+    b, h, wg, qb, g, lb, lh = _q_program(nq, R, Bl, Hl)
     count = cnt_ref[lb, lh, qb]
 
     def schedule():
@@ -346,24 +427,8 @@ def flash_forward(q, k, v, q_ids, kv_ids, lists: BlockLists, tiles, *, block_q: 
 
         s = _mma(my_q, k_smem.at[slot], (bq, bk), trans_b=True, hw=hw, between=schedule if sched else None)
         s2, _ = _logits2(s, scale=scale, soft_cap=soft_cap)
-        keep_ids = None
-        if has_ids:
-          kid = L.load(kid_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
-          keep_ids = _bcast(qid, (bq, bk), 0) == _bcast(kid, (bq, bk), 1)
-        bound = None
-        if kv_len is not None:
-          cols = L.iota((bq, bk), 1)
-          bound = cols + idx_ref[lb, lh, qb, n] * bk < kv_len
-        tile_fn, tid = None, None
-        if has_tiles:
-          tid = tid_ref[lb, lh, qb, n]
-
-          def tile_fn(x):
-            plgpu.barrier_wait(t_bar.at[slot])
-            pat = tile_smem.at[slot, wg][...]
-            return jnp.where(pat != 0, x, _NEG_INF)
-
-        s2 = _mask(s2, keep_ids=keep_ids, tile_fn=tile_fn, tid=tid, bound=bound)
+        s2 = _mask_block(s2, n, slot, wg, (lb, lh, qb), L=L, row_ids=qid, col_ids=kid_smem, idx_ref=idx_ref,
+                         kv_len=kv_len, tid_ref=tid_ref if has_tiles else None, tile_smem=tile_smem, t_bar=t_bar)
         plgpu.barrier_arrive(k_used.at[slot])
 
         m_new = jnp.maximum(m, s2.max(axis=1))
@@ -401,32 +466,10 @@ def flash_forward(q, k, v, q_ids, kv_ids, lists: BlockLists, tiles, *, block_q: 
 
     @pl.when(wg == wgs)
     def _producer_wg():
-      plgpu.set_max_registers(40, action="decrease")
-
-      def fetch(n, slot, wait):
-        kb = idx_ref[lb, lh, qb, n]
-        ks = pl.ds(kb * bk, bk)
-        if wait:
-          plgpu.barrier_wait(k_used.at[slot])
-        plgpu.copy_gmem_to_smem(k_ref.at[b, ks, g], k_smem.at[slot], k_bar.at[slot])
-        if has_ids:
-          plgpu.copy_gmem_to_smem(kid_ref.at[b, ks], kid_smem.at[slot], k_bar.at[slot])
-        if has_tiles:
-          tid = tid_ref[lb, lh, qb, n]
-
-          @pl.when(tid > 0)
-          def _tile():
-            for w in range(wgs):  # one copy per warpgroup's rows (TMA takes at most 5 strided dims)
-              plgpu.copy_gmem_to_smem(tiles_ref.at[tid, w], tile_smem.at[slot, w], t_bar.at[slot])
-        if wait:
-          plgpu.barrier_wait(v_used.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[b, ks, g], v_smem.at[slot], v_bar.at[slot])
-
-      def drain(slot):
-        plgpu.barrier_wait(k_used.at[slot])
-        plgpu.barrier_wait(v_used.at[slot])
-
-      _producer(count, fetch, drain, stages)
+      _kv_producer(count, (lb, lh, qb), b, g, bk=bk, wgs=wgs, stages=stages, idx_ref=idx_ref,
+                   tid_ref=tid_ref if has_tiles else None,
+                   refs=(k_ref, v_ref, kid_ref if has_ids else None, tiles_ref),
+                   bufs=(k_smem, v_smem, kid_smem, tile_smem), bars=(k_bar, v_bar, t_bar, k_used, v_used))
 
   bufs = (
       _swizzled((wgs, bq, Dp), dtype),  # q (reused for the output when E == D)
@@ -443,31 +486,16 @@ def flash_forward(q, k, v, q_ids, kv_ids, lists: BlockLists, tiles, *, block_q: 
       plgpu.Barrier(num_arrivals=copies, num_barriers=wgs),
       plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
       plgpu.Barrier(num_barriers=stages),
-      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages) if has_tiles else None,
-      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
-      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+      *_slot_barriers(wgs, stages, has_tiles),
       plgpu.Barrier(num_arrivals=wgs) if sched else None,
   )
-  out, lse = plgpu.kernel(
-      kernel,
-      out_type=(jax.ShapeDtypeStruct((B, Tp, H, Ep), dtype), jax.ShapeDtypeStruct((B, H, Tp), jnp.float32)),
-      scratch_types=(bufs, bars),
-      grid=(nq, H, B),
-      grid_names=("q", "h", "b"),
-      num_threads=wgs + 1,
-      thread_name="wg",
-      compiler_params=_params(),
-      interpret=interpret,
-  )(qp, kp, vp, qid, kid, lists.index, lists.count, tid_arr, tiles16)
+  out_type = (jax.ShapeDtypeStruct((B, Tp, H, Ep), dtype), jax.ShapeDtypeStruct((B, H, Tp), jnp.float32))
+  out, lse = _launch(kernel, out_type, bufs, bars, (nq, H, B), ("q", "h", "b"), wgs, interpret,
+                     qp, kp, vp, qid, kid, lists.index, lists.count, tid_arr, tiles16)
   return out[:, :T, :, :E], lse[:, :, :T]
 
 
 # ------------------------------------------------------------------------------------------------------ dq pass
-def _lse2(lse):
-  """Natural-log lse -> base 2, with -inf (empty rows) replaced by 0 (their p is 0 anyway)."""
-  return jnp.where(jnp.isneginf(lse), 0.0, lse * LOG2E).astype(jnp.float32)
-
-
 def flash_backward_dq(q, k, v, q_ids, kv_ids, do, lse, delta, lists: BlockLists, tiles, *, block_q: int,
                       block_k: int, scale: float, soft_cap: float | None = None, num_stages: int = 2,
                       interpret=False):
@@ -488,7 +516,7 @@ def flash_backward_dq(q, k, v, q_ids, kv_ids, do, lse, delta, lists: BlockLists,
   bq, bk = ROWS_PER_WG, block_k
   nq, nk = pl.cdiv(T, block_q), pl.cdiv(S, block_k)
   Tp, Sp, Dp, Ep = nq * block_q, nk * block_k, padded_dim(D), padded_dim(E)
-  Bl, Hl = _check("flash_backward_dq", lists, B, H, nq, tiles, (block_q, block_k))
+  Bl, Hl = check_lists("flash_backward_dq", lists, B, H, nq, tiles, (block_q, block_k))
   has_ids, has_tiles = q_ids is not None, tiles is not None
   kv_len = S if (not has_tiles and S != Sp) else None
   dtype = q.dtype
@@ -496,15 +524,8 @@ def flash_backward_dq(q, k, v, q_ids, kv_ids, do, lse, delta, lists: BlockLists,
   hw = interpret is False or interpret is None
   L = _Layouts(interpret)
 
-  q, k, v = backward_operands(q, k, v)
-  qp = _pad_to(_pad_to(q, 1, Tp), 3, Dp)
-  kp = _pad_to(_pad_to(k, 1, Sp), 3, Dp)
-  vp = _pad_to(_pad_to(v, 1, Sp), 3, Ep)
-  dop = _pad_to(_pad_to(do.astype(dtype), 1, Tp), 3, Ep)
-  lse2 = _pad_to(_lse2(lse), 2, Tp)
-  deltap = _pad_to(delta.astype(jnp.float32), 2, Tp)
-  qid = _pad_to(q_ids.astype(jnp.int32), 1, Tp, -1) if has_ids else None
-  kid = _pad_to(kv_ids.astype(jnp.int32), 1, Sp, -2) if has_ids else None
+  qp, kp, vp, qid, kid = _pad_operands(*backward_operands(q, k, v), q_ids, kv_ids, Tp, Sp, Dp, Ep)
+  dop, lse2, deltap = _pad_grads(do, lse, delta, dtype, Tp, Ep)
   tiles16 = _tiles_bf16(tiles, wgs)
   tid_arr = lists.tile if has_tiles else None
 
@@ -512,11 +533,7 @@ def flash_backward_dq(q, k, v, q_ids, kv_ids, do, lse, delta, lists: BlockLists,
              tiles_ref, dq_ref, bufs, bars):
     q_smem, do_smem, lse_smem, delta_smem, qid_smem, k_smem, v_smem, kid_smem, tile_smem = bufs
     q_bar, k_bar, v_bar, t_bar, k_used, v_used = bars
-    b, h, wg = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
-    qb = nq - 1 - lax.axis_index("q")
-    g = lax.div(h, jnp.int32(R))
-    lb = b if Bl > 1 else 0
-    lh = h if Hl > 1 else 0
+    b, h, wg, qb, g, lb, lh = _q_program(nq, R, Bl, Hl)
     count = cnt_ref[lb, lh, qb]
 
     @pl.when(wg < wgs)
@@ -544,35 +561,15 @@ def flash_backward_dq(q, k, v, q_ids, kv_ids, do, lse, delta, lists: BlockLists,
 
         s = _mma(my_q, k_smem.at[slot], (bq, bk), trans_b=True, hw=hw)
         s2, t = _logits2(s, scale=scale, soft_cap=soft_cap)
-        keep_ids = None
-        if has_ids:
-          kid = L.load(kid_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
-          keep_ids = _bcast(qid, (bq, bk), 0) == _bcast(kid, (bq, bk), 1)
-        bound = None
-        if kv_len is not None:
-          cols = L.iota((bq, bk), 1)
-          bound = cols + idx_ref[lb, lh, qb, n] * bk < kv_len
-        tile_fn, tid = None, None
-        if has_tiles:
-          tid = tid_ref[lb, lh, qb, n]
-
-          def tile_fn(x):
-            plgpu.barrier_wait(t_bar.at[slot])
-            pat = tile_smem.at[slot, wg][...]
-            return jnp.where(pat != 0, x, _NEG_INF)
-
-        s2 = _mask(s2, keep_ids=keep_ids, tile_fn=tile_fn, tid=tid, bound=bound)
+        s2 = _mask_block(s2, n, slot, wg, (lb, lh, qb), L=L, row_ids=qid, col_ids=kid_smem, idx_ref=idx_ref,
+                         kv_len=kv_len, tid_ref=tid_ref if has_tiles else None, tile_smem=tile_smem, t_bar=t_bar)
         masked = s2 == _NEG_INF  # q, k are finite here: -inf only where masked
         p = jnp.exp2(s2 - _bcast(lse2, s2.shape, 0))
         plgpu.barrier_wait(v_bar.at[slot])
 
         dp = _mma(my_do, v_smem.at[slot], (bq, bk), trans_b=True, hw=hw)
         plgpu.barrier_arrive(v_used.at[slot])
-        ds = p * (dp - _bcast(dlt, dp.shape, 0))
-        if t is not None:
-          ds = ds * (1.0 - t * t)
-        ds = jnp.where(masked, 0.0, ds)  # exact zeros, also in a row whose lse / delta is NaN
-        ds16 = ds.astype(dtype)
+        ds16 = _ds(p, dp, dlt, 0, t, masked, dtype)
 
         dq = _mma(ds16, k_smem.at[slot], dq.shape, acc=dq, hw=hw)
         plgpu.barrier_arrive(k_used.at[slot])
@@ -586,32 +583,10 @@ def flash_backward_dq(q, k, v, q_ids, kv_ids, do, lse, delta, lists: BlockLists,
 
     @pl.when(wg == wgs)
     def _producer_wg():
-      plgpu.set_max_registers(40, action="decrease")
-
-      def fetch(n, slot, wait):
-        kb = idx_ref[lb, lh, qb, n]
-        ks = pl.ds(kb * bk, bk)
-        if wait:
-          plgpu.barrier_wait(k_used.at[slot])
-        plgpu.copy_gmem_to_smem(k_ref.at[b, ks, g], k_smem.at[slot], k_bar.at[slot])
-        if has_ids:
-          plgpu.copy_gmem_to_smem(kid_ref.at[b, ks], kid_smem.at[slot], k_bar.at[slot])
-        if has_tiles:
-          tid = tid_ref[lb, lh, qb, n]
-
-          @pl.when(tid > 0)
-          def _tile():
-            for w in range(wgs):  # one copy per warpgroup's rows (TMA takes at most 5 strided dims)
-              plgpu.copy_gmem_to_smem(tiles_ref.at[tid, w], tile_smem.at[slot, w], t_bar.at[slot])
-        if wait:
-          plgpu.barrier_wait(v_used.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[b, ks, g], v_smem.at[slot], v_bar.at[slot])
-
-      def drain(slot):
-        plgpu.barrier_wait(k_used.at[slot])
-        plgpu.barrier_wait(v_used.at[slot])
-
-      _producer(count, fetch, drain, stages)
+      _kv_producer(count, (lb, lh, qb), b, g, bk=bk, wgs=wgs, stages=stages, idx_ref=idx_ref,
+                   tid_ref=tid_ref if has_tiles else None,
+                   refs=(k_ref, v_ref, kid_ref if has_ids else None, tiles_ref),
+                   bufs=(k_smem, v_smem, kid_smem, tile_smem), bars=(k_bar, v_bar, t_bar, k_used, v_used))
 
   bufs = (
       _swizzled((wgs, bq, Dp), dtype),
@@ -628,21 +603,10 @@ def flash_backward_dq(q, k, v, q_ids, kv_ids, do, lse, delta, lists: BlockLists,
       plgpu.Barrier(num_arrivals=4 + int(has_ids), num_barriers=wgs),
       plgpu.Barrier(num_arrivals=1 + int(has_ids), num_barriers=stages),
       plgpu.Barrier(num_barriers=stages),
-      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages) if has_tiles else None,
-      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
-      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+      *_slot_barriers(wgs, stages, has_tiles),
   )
-  dq = plgpu.kernel(
-      kernel,
-      out_type=jax.ShapeDtypeStruct((B, Tp, H, Dp), dtype),
-      scratch_types=(bufs, bars),
-      grid=(nq, H, B),
-      grid_names=("q", "h", "b"),
-      num_threads=wgs + 1,
-      thread_name="wg",
-      compiler_params=_params(),
-      interpret=interpret,
-  )(qp, kp, vp, dop, lse2, deltap, qid, kid, lists.index, lists.count, tid_arr, tiles16)
+  dq = _launch(kernel, jax.ShapeDtypeStruct((B, Tp, H, Dp), dtype), bufs, bars, (nq, H, B), ("q", "h", "b"), wgs,
+               interpret, qp, kp, vp, dop, lse2, deltap, qid, kid, lists.index, lists.count, tid_arr, tiles16)
   return dq[:, :T, :, :D]
 
 
@@ -701,7 +665,7 @@ def flash_backward_dkv(q, k, v, q_ids, kv_ids, do, lse, delta, lists_t: BlockLis
   bq, bk = block_q, ROWS_PER_WG
   nq, nk = pl.cdiv(T, block_q), pl.cdiv(S, block_k)
   Tp, Sp, Dp, Ep = nq * block_q, nk * block_k, padded_dim(D), padded_dim(E)
-  _check("flash_backward_dkv", lists_t, B, H, nk, tiles, (block_q, block_k))
+  check_lists("flash_backward_dkv", lists_t, B, H, nk, tiles, (block_q, block_k))
   has_ids, has_tiles = q_ids is not None, tiles is not None
   dtype = q.dtype
   stages = num_stages
@@ -710,15 +674,8 @@ def flash_backward_dkv(q, k, v, q_ids, kv_ids, do, lse, delta, lists_t: BlockLis
   heads, flat = flatten_transposed_lists(lists_t, H, G)
   Bl, Gl = heads.shape[:2]
 
-  q, k, v = backward_operands(q, k, v)
-  qp = _pad_to(_pad_to(q, 1, Tp), 3, Dp)
-  kp = _pad_to(_pad_to(k, 1, Sp), 3, Dp)
-  vp = _pad_to(_pad_to(v, 1, Sp), 3, Ep)
-  dop = _pad_to(_pad_to(do.astype(dtype), 1, Tp), 3, Ep)  # zero rows: padded queries contribute nothing
-  lse2 = _pad_to(_lse2(lse), 2, Tp)
-  deltap = _pad_to(delta.astype(jnp.float32), 2, Tp)
-  qid = _pad_to(q_ids.astype(jnp.int32), 1, Tp, -1) if has_ids else None
-  kid = _pad_to(kv_ids.astype(jnp.int32), 1, Sp, -2) if has_ids else None
+  qp, kp, vp, qid, kid = _pad_operands(*backward_operands(q, k, v), q_ids, kv_ids, Tp, Sp, Dp, Ep)
+  dop, lse2, deltap = _pad_grads(do, lse, delta, dtype, Tp, Ep)
   tiles16 = _tiles_bf16(tiles, wgs, transpose=True)  # [U, wgs, 64 key rows, block_q]
   tid_arr = flat.tile if has_tiles else None
 
@@ -755,20 +712,8 @@ def flash_backward_dkv(q, k, v, q_ids, kv_ids, do, lse, delta, lists_t: BlockLis
 
         sT = _mma(my_k, q_smem.at[slot], (bk, bq), trans_b=True, hw=hw)
         s2, t = _logits2(sT, scale=scale, soft_cap=soft_cap)
-        keep_ids = None
-        if has_ids:
-          qid = L.load(qid_smem.at[slot], col)
-          keep_ids = _bcast(kid, (bk, bq), 0) == _bcast(qid, (bk, bq), 1)
-        tile_fn, tid = None, None
-        if has_tiles:
-          tid = tid_ref[lb, lg, kb, n]
-
-          def tile_fn(x):
-            plgpu.barrier_wait(t_bar.at[slot])
-            pat = tile_smem.at[slot, wg][...]
-            return jnp.where(pat != 0, x, _NEG_INF)
-
-        s2 = _mask(s2, keep_ids=keep_ids, tile_fn=tile_fn, tid=tid, bound=None)
+        s2 = _mask_block(s2, n, slot, wg, (lb, lg, kb), L=L, row_ids=kid, col_ids=qid_smem, idx_ref=idx_ref,
+                         kv_len=None, tid_ref=tid_ref if has_tiles else None, tile_smem=tile_smem, t_bar=t_bar)
         masked = s2 == _NEG_INF
         lse2 = L.load(lse_smem.at[slot], col)
         pT = jnp.where(masked, 0.0, jnp.exp2(s2 - _bcast(lse2, s2.shape, 1)))
@@ -788,11 +733,7 @@ def flash_backward_dkv(q, k, v, q_ids, kv_ids, do, lse, delta, lists_t: BlockLis
           dpT = _mma(my_v, do_smem.at[slot], (bk, bq), trans_b=True, hw=False)
         dlt = L.load(delta_smem.at[slot], col)
         plgpu.barrier_arrive(do_used.at[slot])
-        dsT = pT * (dpT - _bcast(dlt, dpT.shape, 1))
-        if t is not None:
-          dsT = dsT * (1.0 - t * t)
-        dsT = jnp.where(masked, 0.0, dsT)
-        dsT16 = dsT.astype(dtype)
+        dsT16 = _ds(pT, dpT, dlt, 1, t, masked, dtype)
 
         dk = _mma(dsT16, q_smem.at[slot], dk.shape, acc=dk, hw=hw)
         plgpu.barrier_arrive(q_used.at[slot])
@@ -808,8 +749,6 @@ def flash_backward_dkv(q, k, v, q_ids, kv_ids, do, lse, delta, lists_t: BlockLis
 
     @pl.when(wg == wgs)
     def _producer_wg():
-      plgpu.set_max_registers(40, action="decrease")
-
       def fetch(n, slot, wait):
         h = g * R + head_ref[lb, lg, kb, n]
         qs = pl.ds(idx_ref[lb, lg, kb, n] * bq, bq)
@@ -820,22 +759,13 @@ def flash_backward_dkv(q, k, v, q_ids, kv_ids, do, lse, delta, lists_t: BlockLis
         if has_ids:
           plgpu.copy_gmem_to_smem(qid_ref.at[b, qs], qid_smem.at[slot], q_bar.at[slot])
         if has_tiles:
-          tid = tid_ref[lb, lg, kb, n]
-
-          @pl.when(tid > 0)
-          def _tile():
-            for w in range(wgs):  # one copy per warpgroup's rows (TMA takes at most 5 strided dims)
-              plgpu.copy_gmem_to_smem(tiles_ref.at[tid, w], tile_smem.at[slot, w], t_bar.at[slot])
+          _fetch_tile(tiles_ref, tile_smem, t_bar, tid_ref[lb, lg, kb, n], slot, wgs)
         if wait:
           plgpu.barrier_wait(do_used.at[slot])
         plgpu.copy_gmem_to_smem(do_ref.at[b, qs, h], do_smem.at[slot], do_bar.at[slot])
         plgpu.copy_gmem_to_smem(delta_ref.at[b, h, qs], delta_smem.at[slot], do_bar.at[slot])
 
-      def drain(slot):
-        plgpu.barrier_wait(q_used.at[slot])
-        plgpu.barrier_wait(do_used.at[slot])
-
-      _producer(count, fetch, drain, stages)
+      _producer(count, fetch, (q_used, do_used), stages)
 
   bufs = (
       _swizzled((wgs, bk, Dp), dtype),
@@ -852,19 +782,9 @@ def flash_backward_dkv(q, k, v, q_ids, kv_ids, do, lse, delta, lists_t: BlockLis
       plgpu.Barrier(num_arrivals=2 + int(has_ids), num_barriers=wgs),
       plgpu.Barrier(num_arrivals=2 + int(has_ids), num_barriers=stages),
       plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages) if has_tiles else None,
-      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
-      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+      *_slot_barriers(wgs, stages, has_tiles),
   )
-  dk, dv = plgpu.kernel(
-      kernel,
-      out_type=(jax.ShapeDtypeStruct((B, Sp, G, Dp), dtype), jax.ShapeDtypeStruct((B, Sp, G, Ep), dtype)),
-      scratch_types=(bufs, bars),
-      grid=(nk, G, B),
-      grid_names=("k", "g", "b"),
-      num_threads=wgs + 1,
-      thread_name="wg",
-      compiler_params=_params(),
-      interpret=interpret,
-  )(qp, kp, vp, dop, lse2, deltap, qid, kid, heads, flat.index, flat.count, tid_arr, tiles16)
+  out_type = (jax.ShapeDtypeStruct((B, Sp, G, Dp), dtype), jax.ShapeDtypeStruct((B, Sp, G, Ep), dtype))
+  dk, dv = _launch(kernel, out_type, bufs, bars, (nk, G, B), ("k", "g", "b"), wgs, interpret,
+                   qp, kp, vp, dop, lse2, deltap, qid, kid, heads, flat.index, flat.count, tid_arr, tiles16)
   return dk[:, :S, :, :D], dv[:, :S, :, :E]

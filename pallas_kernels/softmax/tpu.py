@@ -64,8 +64,8 @@ _F32 = jnp.float32
 
 
 # ------------------------------------------------------------------------------------------------ block sizes
-# (config field, axis, role, what): "lane" sizes are the minor dim of some block (multiple of 128), "sublane" sizes only the
-# second-minor dim (multiple of 8); a size equal to the whole (clamped) axis is always legal.
+# (config field, axis, role, what): "lane" sizes are the minor dim of some block (multiple of 128), "sublane" sizes
+# only the second-minor dim (multiple of 8); a size equal to the whole (clamped) axis is always legal.
 TILE_ROLES = (
     ("block_q", "T", "sublane", "rows of the q / out / lse blocks"),
     ("block_k", "S", "lane", "lanes of the logits and kv segment-id blocks"),
@@ -233,7 +233,7 @@ def _rows_rows(x, Lp: int):
   return jnp.broadcast_to(x[:, :, None, :], (*x.shape[:2], NUM_SUBLANES, Lp))
 
 
-def _lanes(x, n: int):
+def lanes(x, n: int):
   """``[r, 128]`` lane-replicated values -> ``[r, n]``."""
   if n % NUM_LANES == 0:
     return x if n == NUM_LANES else jnp.tile(x, (1, n // NUM_LANES))
@@ -332,7 +332,7 @@ class _Control:
     if masked and self.edge is not None:
       keep.append(lax.broadcasted_iota(jnp.int32, shape, 1) + self.kv_blk * self.bk < self.kv_len)
     if seg is not None:
-      keep.append(_lanes(seg[0][...], shape[1]) == seg[1][:1, :])
+      keep.append(lanes(seg[0][...], shape[1]) == seg[1][:1, :])
     return functools.reduce(jnp.logical_and, keep) if keep else None
 
 
@@ -365,12 +365,12 @@ def _fwd_kernel(*refs, geom: _Geom, has_seg: bool, has_tiles: bool, has_bias: bo
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))
     m_safe = jnp.where(jnp.isneginf(m_next), 0.0, m_next)  # all-masked so far: shift by 0, p = 0
     alpha = jnp.exp(m_prev - m_safe)
-    p = jnp.exp(s - _lanes(m_safe, bk))
+    p = jnp.exp(s - lanes(m_safe, bk))
     l_scr[...] = alpha * l_prev + jnp.sum(p, axis=-1, keepdims=True)
     m_scr[...] = m_next
     v = v_ref[...]
     pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=_F32, precision=prec)
-    acc_scr[...] = acc_scr[...] * _lanes(alpha, E) + pv
+    acc_scr[...] = acc_scr[...] * lanes(alpha, E) + pv
 
   ctl.run(j, step)
 
@@ -379,7 +379,7 @@ def _fwd_kernel(*refs, geom: _Geom, has_seg: bool, has_tiles: bool, has_bias: bo
     l = l_scr[...]
     ok = l != 0  # a NaN l (the row attends a non-finite input) keeps its NaN output and lse
     inv = jnp.where(ok, 1.0 / jnp.where(ok, l, 1.0), 0.0)
-    o_ref[...] = (acc_scr[...] * _lanes(inv, E)).astype(o_ref.dtype)
+    o_ref[...] = (acc_scr[...] * lanes(inv, E)).astype(o_ref.dtype)
     if with_lse:
       lse_ref[...] = jnp.where(ok, m_scr[...] + jnp.log(jnp.where(ok, l, 1.0)), -jnp.inf)
 
@@ -497,9 +497,9 @@ def _dq_kernel(*refs, geom: _Geom, has_seg: bool, has_tiles: bool, has_bias: boo
     keep = ctl.keep(masked, s.shape, tile_ref, seg)
     if keep is not None:
       s = jnp.where(keep, s, -jnp.inf)
-    p = jnp.exp(s - _lanes(lse_ref[...], bk))
+    p = jnp.exp(s - lanes(lse_ref[...], bk))
     dp = lax.dot_general(do_ref[...], v, NT, preferred_element_type=_F32, precision=prec)  # [bq, bk]
-    ds = p * (dp - _lanes(delta_ref[...], bk))
+    ds = p * (dp - lanes(delta_ref[...], bk))
     if t is not None:
       ds = ds * (1.0 - t * t)
     if keep is not None:  # masked entries are exact zeros, also in a row whose lse / delta is NaN
@@ -665,7 +665,7 @@ def _dkv_kernel(*refs, geom: _Geom, R: int, has_seg: bool, has_tiles: bool, has_
     if masked:
       keep = tile_ref[...].astype(jnp.int32) != 0  # int8 in memory (4x less than bool's i32)
     if has_seg:
-      same = seg[0][:1, :] == _lanes(seg[1][...], bq)
+      same = seg[0][:1, :] == lanes(seg[1][...], bq)
       keep = same if keep is None else keep & same
     if keep is not None:
       st = jnp.where(keep, st, -jnp.inf)

@@ -58,7 +58,7 @@ def dense_allowed(lengths, valid, pos, G: int):
   return ok
 
 
-def _group_q(q, G: int):
+def group_q(q, G: int):
   """``q [B, H, D]`` -> sanitized f32-ready ``[B, G, R, D]`` and its poison ``[B, G, R, 1]``."""
   B, H, D = q.shape
   qs, bad_q = sanitize(q)
@@ -81,7 +81,7 @@ def stats_pass(q, k, v, lengths, valid, index, entry_valid, lse, *, scale: float
   B, H, D = q.shape
   _, L, G, E = v.shape
   R = H // G
-  qg, pq = _group_q(q, G)
+  qg, pq = group_q(q, G)
   lse_g = lse.reshape(B, G, R, 1)
   lse_g = jnp.where(lse_g == -jnp.inf, 0.0, lse_g)  # rows without keys: every p is masked (finite gradients)
 

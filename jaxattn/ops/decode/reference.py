@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxattn.backend import Backend
-from jaxattn.ops.decode.common import HIGHEST, _group_q, dense_allowed, entry_allowed
+from jaxattn.ops.decode.common import HIGHEST, group_q, dense_allowed, entry_allowed
 from jaxattn.ops.decode.config import DecodeCall
 from jaxattn.ops.nonfinite import poison, sanitize
 from pallas_kernels.decode.lists import scatter_key_mask
@@ -27,7 +27,7 @@ def decode_reference(q, k, v, lengths, valid, index, entry_valid, call: DecodeCa
   if index is not None:
     ok = entry_allowed(index, entry_valid, lengths, valid)
     allowed = allowed & scatter_key_mask(index, ok, L)
-  qg, pq = _group_q(q, G)
+  qg, pq = group_q(q, G)
   (ks, bad_k), (vs, bad_v) = sanitize(k), sanitize(v)
   s = jnp.einsum("bgrd,blgd->bgrl", qg.astype(_F32), ks.astype(_F32), precision=HIGHEST) * call.scale
   s = s + pq + jnp.transpose(poison(bad_k | bad_v), (0, 2, 1))[:, :, None, :]

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxattn.backend import Backend
-from jaxattn.ops.decode.common import (_group_q, dense_allowed, entry_allowed, first_occurrence, logits_chunk,
+from jaxattn.ops.decode.common import (group_q, dense_allowed, entry_allowed, first_occurrence, logits_chunk,
                                        stats_pass)
 from jaxattn.ops.decode.config import DecodeCall, XlaConfig, check_positive_int
 
@@ -42,7 +42,7 @@ def decode_xla(q, k, v, lengths, valid, index, entry_valid, *, scale: float, chu
   B, H, D = q.shape
   _, L, G, E = v.shape
   R = H // G
-  qg, pq = _group_q(q, G)
+  qg, pq = group_q(q, G)
   init = (jnp.zeros((B, G, R, E), _F32), jnp.full((B, G, R), -jnp.inf, _F32), jnp.zeros((B, G, R), _F32))
   if index is not None:
     K = index.shape[-1]

@@ -30,18 +30,17 @@ compilation). Config: :class:`MosaicGpuConfig`.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 
 from jaxattn import backend as backend_lib
 from jaxattn.backend import Backend
 from jaxattn.masks import PerHead
 from jaxattn.ops.softmax.config import BlockSizes, SoftmaxCall, SoftmaxResiduals, config_error, dense_only_reason
-from jaxattn.ops.softmax.mask_info import MaskInfo, mask_info
+from jaxattn.ops.softmax.mask_info import mask_info
+from jaxattn.ops.softmax.pallas_gpu import Plans, clamp_tiles, static_plans
+from jaxattn.ops.softmax.xla import softmax_delta
 from pallas_kernels.softmax import mosaic_gpu as mg
-from pallas_kernels.softmax.gpu import BlockLists
 
 __all__ = ["MosaicGpuConfig", "MosaicGpuBackend", "BACKEND", "DEFAULT_TABLE", "MAX_HEAD_DIM", "static_plans",
            "kernel_forward", "kernel_backward", "hopper_reason"]
@@ -76,31 +75,6 @@ class MosaicGpuConfig(BlockSizes):
     return (self.block_q // mg.ROWS_PER_WG, self.dq[0] // mg.ROWS_PER_WG, self.dkv[1] // mg.ROWS_PER_WG)
 
 
-class Plans(NamedTuple):
-  """``(lists, tiles)`` of the forward, dq and (transposed) dk/dv kernels: ``SoftmaxResiduals.extra``."""
-
-  fwd: tuple
-  dq: tuple
-  dkv: tuple
-
-
-def _lists(info: MaskInfo, transposed: bool = False) -> tuple[BlockLists, jax.Array | None]:
-  if transposed:
-    index, count, tile = info.q_index, info.q_count, info.q_tile
-  else:
-    index, count, tile = info.kv_index, info.kv_count, info.kv_tile
-  lift = lambda a: jnp.asarray(a, jnp.int32)[None, None]
-  if not info.has_partial:
-    return BlockLists(lift(index), lift(count)), None
-  return BlockLists(lift(index), lift(count), lift(tile)), jnp.asarray(info.tiles.astype("int8"))
-
-
-def static_plans(call: SoftmaxCall, config: MosaicGpuConfig) -> Plans:
-  """The static mask's forward, dq and (transposed) dk/dv lists, each at its kernel's CTA tile."""
-  info = lambda blocks: mask_info(call.mask, call.T, call.S, *blocks)
-  return Plans(_lists(info(config.fwd)), _lists(info(config.dq)), _lists(info(config.dkv), transposed=True))
-
-
 def _interpret():
   """False on a GPU (or under ``use_platform("gpu")``), the Mosaic GPU interpreter's params on CPU."""
   return False if backend_lib.platform() == "gpu" else mg.interpret_params()
@@ -120,8 +94,7 @@ def kernel_backward(res: SoftmaxResiduals, cotangents, config: MosaicGpuConfig, 
   None and their kernels do not run."""
   q, k, v, _, q_ids, kv_ids, out, lse, plans = res
   dout, dlse = cotangents
-  # delta_i = sum_e dO_ie O_ie - dlse_i: the row term of the softmax Jacobian (lse enters as -dlse).
-  delta = jnp.einsum("bthe,bthe->bht", dout.astype(jnp.float32), out.astype(jnp.float32)) - dlse
+  delta = softmax_delta(dout, out, dlse)
   dout = dout.astype(q.dtype)
   common = dict(scale=scale, soft_cap=soft_cap, num_stages=config.num_stages_bwd, interpret=_interpret())
   dq = dk = dv = None
@@ -168,11 +141,7 @@ def default_mosaic_config(call: SoftmaxCall) -> MosaicGpuConfig:
   _, partial_fwd, d = next(row for row in DEFAULT_TABLE if width <= row[0])
   if isinstance(call.mask, PerHead) or mask_info(call.mask, call.T, call.S, *d.fwd).has_partial:
     d = dataclasses.replace(d, block_q=partial_fwd[0], block_k=partial_fwd[1])
-  fq = lambda b: b if call.T > 64 else 64
-  fk = lambda b: b if call.S > 64 else 64
-  return dataclasses.replace(d, block_q=fq(d.block_q), block_k=fk(d.block_k), block_q_dq=fq(d.block_q_dq),
-                             block_k_dq=fk(d.block_k_dq), block_q_dkv=fq(d.block_q_dkv),
-                             block_k_dkv=fk(d.block_k_dkv))
+  return clamp_tiles(d, lambda b: b if call.T > 64 else 64, lambda b: b if call.S > 64 else 64)
 
 
 class MosaicGpuBackend(Backend):

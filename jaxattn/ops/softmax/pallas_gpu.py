@@ -15,8 +15,8 @@ head dims up to 256 (non powers of two are zero-padded), f32/bf16/f16, an additi
 (broadcast dims are never materialised; its gradient, when asked for, comes from the dq kernel writing
 ``dS`` per visited tile into a ``[B, H, T, S]`` buffer that XLA sums over the broadcast dims; see
 :mod:`pallas_kernels.softmax.bias`). Refuses (``supports``): boolean mask arrays, per-head masks, dropout,
-platforms other than GPU and CPU. Config: :class:`~jaxattn.ops.softmax.config.PallasGpuConfig` (tiles powers of two >= 16,
-``num_warps`` / ``num_stages`` forward and backward; the default from a table per head dim, see
+platforms other than GPU and CPU. Config: :class:`~jaxattn.ops.softmax.config.PallasGpuConfig` (tiles powers of two
+>= 16, ``num_warps`` / ``num_stages`` forward and backward; the default from a table per head dim, see
 :meth:`PallasGpuBackend.default_config`). On a CPU backend it runs in Pallas interpret mode (slow; for tests and
 users without a GPU); ``implementation=None`` never picks it there.
 
@@ -34,9 +34,10 @@ import jax.numpy as jnp
 
 from jaxattn import backend as backend_lib
 from jaxattn.backend import Backend
-from jaxattn.ops.softmax.config import (PallasGpuConfig, SoftmaxCall, SoftmaxResiduals, TILE_FIELDS, config_error,
-                                        dense_only_reason)
+from jaxattn.ops.softmax.config import (BlockSizes, PallasGpuConfig, SoftmaxCall, SoftmaxResiduals, TILE_FIELDS,
+                                        config_error, dense_only_reason)
 from jaxattn.ops.softmax.mask_info import MaskInfo, mask_info
+from jaxattn.ops.softmax.xla import softmax_delta
 from pallas_kernels.common import next_pow2, padded_head_dim
 from pallas_kernels.softmax import gpu
 from pallas_kernels.softmax.bias import dbias_dtype, reduce_to
@@ -50,7 +51,8 @@ class Plan(NamedTuple):
 
 
 class Plans(NamedTuple):
-  """The forward, dq and (transposed) dk/dv plans: ``SoftmaxResiduals.extra`` of this backend."""
+  """The forward, dq and (transposed) dk/dv plans: ``SoftmaxResiduals.extra`` of this backend and of
+  :mod:`jaxattn.ops.softmax.mosaic_gpu`."""
 
   fwd: Plan
   dq: Plan
@@ -98,8 +100,7 @@ def kernel_backward_bias(res: SoftmaxResiduals, cotangents, config: PallasGpuCon
   no dbias work at all; with ``needs[3]`` but not ``needs[0]`` the dq kernel writes ``dS`` only."""
   q, k, v, bias, q_ids, kv_ids, out, lse, plans = res
   dout, dlse = cotangents
-  # delta_i = sum_e dO_ie O_ie - dlse_i: the row term of the softmax Jacobian (lse enters as -dlse).
-  delta = jnp.einsum("bthe,bthe->bht", dout.astype(jnp.float32), out.astype(jnp.float32)) - dlse
+  delta = softmax_delta(dout, out, dlse)
   dout = dout.astype(q.dtype)
   common = dict(scale=scale, soft_cap=soft_cap, num_warps=config.warps(max(q.shape[-1], v.shape[-1]), True),
                 num_stages=config.num_stages_bwd, interpret=backend_lib.interpret_mode("gpu"))
@@ -161,11 +162,14 @@ def default_gpu_config(T: int, S: int, head_dim: int, itemsize: int) -> PallasGp
   """The :data:`DEFAULT_TABLE` row for ``head_dim`` (``max(D, E)``) and ``itemsize``, clamped to T / S."""
   width = padded_head_dim(head_dim) * itemsize // 2
   d = next(c for limit, c in DEFAULT_TABLE if limit is None or width <= limit)
-  fq = lambda b: min(b, max(16, next_pow2(T)))
-  fk = lambda b: min(b, max(16, next_pow2(S)))
-  return dataclasses.replace(d, block_q=fq(d.block_q), block_k=fk(d.block_k), block_q_dq=fq(d.block_q_dq),
-                             block_k_dq=fk(d.block_k_dq), block_q_dkv=fq(d.block_q_dkv),
-                             block_k_dkv=fk(d.block_k_dkv))
+  return clamp_tiles(d, lambda b: min(b, max(16, next_pow2(T))), lambda b: min(b, max(16, next_pow2(S))))
+
+
+def clamp_tiles(config: BlockSizes, fq, fk) -> BlockSizes:
+  """``config`` with every query tile (forward, dq, dk/dv) mapped through ``fq`` and every kv tile through ``fk``."""
+  return dataclasses.replace(config, block_q=fq(config.block_q), block_k=fk(config.block_k),
+                             block_q_dq=fq(config.block_q_dq), block_k_dq=fk(config.block_k_dq),
+                             block_q_dkv=fq(config.block_q_dkv), block_k_dkv=fk(config.block_k_dkv))
 
 
 class PallasGpuBackend(Backend):

@@ -35,6 +35,7 @@ from jaxattn.masks import Mask
 from jaxattn.ops.softmax.config import (BlockSizes, PallasTpuConfig, SoftmaxCall, SoftmaxResiduals, config_error,
                                         dense_only_reason)
 from jaxattn.ops.softmax.mask_info import MaskInfo, mask_info
+from jaxattn.ops.softmax.xla import softmax_delta
 from pallas_kernels.common import TPU_SPECS
 from pallas_kernels.common.vmem import TPU_GENERATIONS, tpu_generation
 from pallas_kernels.softmax import tpu as kernels
@@ -118,9 +119,7 @@ def kernel_backward_bias(res: SoftmaxResiduals, cotangents, tiles: PallasTpuConf
   no dbias work at all; with ``needs[3]`` but not ``needs[0]`` the dq kernel writes ``dS`` only."""
   q, k, v, bias, q_ids, kv_ids, out, lse, plans = res
   dout, dlse = cotangents
-  # delta_i = sum_e dO_ie O_ie - dlse_i: the row term of the softmax Jacobian (lse enters with -dlse).
-  delta = jnp.einsum("bthe,bthe->bht", dout.astype(jnp.float32), out.astype(jnp.float32))
-  delta = delta - dlse.astype(jnp.float32)
+  delta = softmax_delta(dout, out, dlse)
   dout = dout.astype(q.dtype)
   common = dict(q_segment_ids=q_ids, kv_segment_ids=kv_ids, scale=scale, soft_cap=soft_cap,
                 interpret=backend_lib.interpret_mode("tpu"), vmem_limit_bytes=tiles.vmem_limit_bytes)

@@ -80,6 +80,24 @@ def bias_blocks(bias, R, bq, bk):
   return x.reshape(nq, nk, b, 1, 1, bq, bk) if h == 1 else x.reshape(nq, nk, b, h // R, R, bq, bk)
 
 
+def softmax_delta(dout, out, dlse):
+  """``delta [B, H, T]`` f32 of ``dout, out [B, T, H, E]`` and ``dlse [B, H, T]``: ``sum_e dO_ie O_ie - dlse_i``, the
+  row term of the softmax Jacobian (lse enters as ``-dlse``), as the kernel backends' backward passes take it."""
+  delta = jnp.einsum("bthe,bthe->bht", dout.astype(jnp.float32), out.astype(jnp.float32))
+  return delta - dlse.astype(jnp.float32)
+
+
+def side_blocks(bias, q_ids, kv_ids, R: int, bq: int, bk: int):
+  """``(biasB, qidB, kidB)``: :func:`bias_blocks` and :func:`ids_blocks` of the optional operands (None if absent)."""
+  return (None if bias is None else bias_blocks(bias, R, bq, bk), None if q_ids is None else ids_blocks(q_ids, bq),
+          None if kv_ids is None else ids_blocks(kv_ids, bk))
+
+
+def kv_lists(info: MaskInfo):
+  """``(kv_index, kv_count, kv_tile)`` of ``info`` as device arrays: each query block's visited kv blocks."""
+  return tuple(jnp.asarray(a) for a in (info.kv_index, info.kv_count, info.kv_tile))
+
+
 def _reduce_to_bias(ds, b, h):
   """``[B, G, R, bq, bk] -> [b, h, bq, bk]`` by summing over broadcast axes."""
   B, G, R, bq, bk = ds.shape
@@ -209,10 +227,8 @@ def _forward(q, k, v, bias, q_ids, kv_ids, st: BlockPlan, seed=None):
   qB = q_blocks(poison_rows(qs, bad_q).reshape(B, T, G, R, D), bq)  # [nQ, B, G, R, bq, D]
   kB = q_blocks(poison_rows(ks, bad_k | bad_v), bk)  # [nK, B, G, bk, D]
   vB = q_blocks(vs, bk)  # [nK, B, G, bk, E]
-  biasB = None if bias is None else bias_blocks(bias, R, bq, bk)
-  qidB = None if q_ids is None else ids_blocks(q_ids, bq)
-  kidB = None if kv_ids is None else ids_blocks(kv_ids, bk)
-  kv_index, kv_count, kv_tile = (jnp.asarray(a) for a in (info.kv_index, info.kv_count, info.kv_tile))
+  biasB, qidB, kidB = side_blocks(bias, q_ids, kv_ids, R, bq, bk)
+  kv_index, kv_count, kv_tile = kv_lists(info)
 
   def one_q_block(qi):
     qblk = qB[qi]
@@ -287,10 +303,8 @@ def _dq_pass(st, q, k, v, bias, q_ids, kv_ids, dout, lse, delta, seed=None):
   doB = q_blocks(dout.reshape(B, T, G, R, E), bq)
   lseB, deltaB = row_blocks(lse, B, T, G, R, bq), row_blocks(delta, B, T, G, R, bq)
   kB, vB = q_blocks(k, bk), q_blocks(v, bk)
-  biasB = None if bias is None else bias_blocks(bias, R, bq, bk)
-  qidB = None if q_ids is None else ids_blocks(q_ids, bq)
-  kidB = None if kv_ids is None else ids_blocks(kv_ids, bk)
-  kv_index, kv_count, kv_tile = (jnp.asarray(a) for a in (info.kv_index, info.kv_count, info.kv_tile))
+  biasB, qidB, kidB = side_blocks(bias, q_ids, kv_ids, R, bq, bk)
+  kv_index, kv_count, kv_tile = kv_lists(info)
   nk = info.num_k_blocks
 
   def one_q_block(qi):
@@ -340,9 +354,7 @@ def _dkv_pass(st, q, k, v, bias, q_ids, kv_ids, dout, lse, delta, seed=None):
   doB = q_blocks(dout.reshape(B, T, G, R, E), bq)
   lseB, deltaB = safe_max(row_blocks(lse, B, T, G, R, bq)), row_blocks(delta, B, T, G, R, bq)
   kB, vB = q_blocks(k, bk), q_blocks(v, bk)
-  biasB = None if bias is None else bias_blocks(bias, R, bq, bk)
-  qidB = None if q_ids is None else ids_blocks(q_ids, bq)
-  kidB = None if kv_ids is None else ids_blocks(kv_ids, bk)
+  biasB, qidB, kidB = side_blocks(bias, q_ids, kv_ids, R, bq, bk)
   q_index, q_count, q_tile = (jnp.asarray(a) for a in (info.q_index, info.q_count, info.q_tile))
 
   def one_kv_block(kj):
