@@ -19,4 +19,6 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                                                          "K = L/8 sparse decode_attention, jax.nn beside"),
     "cp_model": ("experiments.cp_model.run:main", "context-parallel cost model: per-device FLOPs, bytes, imbalance "
                                                   "and modelled step time of ring/all-gather/Ulysses/USP"),
+    "sparse_frontier": ("experiments.sparse_frontier.run:main", "Sparse Frontier: a tiny LM's accuracy and attention "
+                                                                "recall vs sparsity, sparse prefill vs decode, N and 2N"),
 }

@@ -1,0 +1,1 @@
+"""The Sparse Frontier at toy scale (``python -m experiments sparse_frontier``)."""
