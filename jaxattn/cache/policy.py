@@ -189,9 +189,6 @@ class SnapKV(CachePolicy):
     s, n = _slots(cache)
     return dict(state, keep=_as_mask(index, valid, cache.capacity) | (s >= n))  # later tokens: kept
 
-  def decode(self, q, cache, state, *, scale, implementation):
-    return CachePolicy.decode(self, q, cache, state, scale=scale, implementation=implementation)
-
 
 @dataclasses.dataclass(frozen=True)
 class AdaSnapKV(SnapKV):
