@@ -333,6 +333,16 @@ def _lse2(lse):
   return jnp.where(jnp.isneginf(lse), 0.0, lse * LOG2E).astype(jnp.float32)
 
 
+def _backward_inputs(q, k, v, do, lse, delta, q_ids, kv_ids, tiles, Tp, Sp, Dp, Ep, has_ids):
+  """The backward kernels' operands padded to ``Tp`` / ``Sp`` rows and ``Dp`` / ``Ep`` columns (non-finite q / k / v
+  zeroed: poisoned rows carry NaN in lse / delta), lse and delta in their kernel layout, ids padded apart."""
+  q, k, v = backward_operands(q, k, v)
+  return (pad_to(pad_to(q, 1, Tp), 3, Dp), pad_to(pad_to(k, 1, Sp), 3, Dp), pad_to(pad_to(v, 1, Sp), 3, Ep),
+          pad_to(pad_to(do, 1, Tp), 3, Ep), pad_to(_lse2(lse), 2, Tp), pad_to(delta.astype(jnp.float32), 2, Tp),
+          pad_to(q_ids, 1, Tp, -1) if has_ids else None, pad_to(kv_ids, 1, Sp, -2) if has_ids else None,
+          _prep_tiles(tiles))
+
+
 def flash_backward_dq(q, k, v, q_ids, kv_ids, do, lse, delta, lists: BlockLists, tiles, *, block_q: int,
                       block_k: int, scale: float, soft_cap: float | None = None, bias=None,
                       num_warps: int | None = None, num_stages: int = 2, interpret: bool = False):
@@ -389,16 +399,8 @@ def _dq_call(q, k, v, q_ids, kv_ids, do, lse, delta, lists: BlockLists, tiles, b
     raise ValueError(f"{name}: the bias gradient needs the bias")
   bias_spec, biasp = _bias_rows(bias, name, B, H, T, S, Tp, Sp, block_q, lambda i: nq - 1 - i)
 
-  q, k, v = backward_operands(q, k, v)  # zeroed; poisoned rows carry NaN in lse / delta
-  qp = pad_to(pad_to(q, 1, Tp), 3, Dp)
-  kp = pad_to(pad_to(k, 1, Sp), 3, Dp)
-  vp = pad_to(pad_to(v, 1, Sp), 3, Ep)
-  dop = pad_to(pad_to(do, 1, Tp), 3, Ep)
-  lse2 = pad_to(_lse2(lse), 2, Tp)
-  deltap = pad_to(delta.astype(jnp.float32), 2, Tp)
-  qid = pad_to(q_ids, 1, Tp, -1) if has_ids else None
-  kid = pad_to(kv_ids, 1, Sp, -2) if has_ids else None
-  tiles = _prep_tiles(tiles)
+  qp, kp, vp, dop, lse2, deltap, qid, kid, tiles = _backward_inputs(q, k, v, do, lse, delta, q_ids, kv_ids, tiles,
+                                                                      Tp, Sp, Dp, Ep, has_ids)
 
   qb = lambda i: nq - 1 - i
   bsel = (lambda bh: bh // H) if Bl > 1 else (lambda bh: 0)
@@ -515,16 +517,8 @@ def flash_backward_dkv(q, k, v, q_ids, kv_ids, do, lse, delta, lists_t: BlockLis
   has_ids = q_ids is not None
   Bb, Hb = (1, 1) if bias is None else check_bias("flash_backward_dkv", bias, B, H, T, S)
 
-  q, k, v = backward_operands(q, k, v)  # zeroed; poisoned rows carry NaN in lse / delta
-  qp = pad_to(pad_to(q, 1, Tp), 3, Dp)
-  kp = pad_to(pad_to(k, 1, Sp), 3, Dp)
-  vp = pad_to(pad_to(v, 1, Sp), 3, Ep)
-  dop = pad_to(pad_to(do, 1, Tp), 3, Ep)
-  lse2 = pad_to(_lse2(lse), 2, Tp)
-  deltap = pad_to(delta.astype(jnp.float32), 2, Tp)
-  qid = pad_to(q_ids, 1, Tp, -1) if has_ids else None
-  kid = pad_to(kv_ids, 1, Sp, -2) if has_ids else None
-  tiles = _prep_tiles(tiles)
+  qp, kp, vp, dop, lse2, deltap, qid, kid, tiles = _backward_inputs(q, k, v, do, lse, delta, q_ids, kv_ids, tiles,
+                                                                      Tp, Sp, Dp, Ep, has_ids)
 
   # grid (kv block, batch x kv head); query-side blocks cover the R query heads of kv head g: [Tp, R, d].
   bsel = (lambda bg: bg // G) if Bl > 1 else (lambda bg: 0)
