@@ -50,11 +50,12 @@ class CheckpointWarning(UserWarning):
 # top-level module -> the pip extra that provides it (pyproject.toml [project.optional-dependencies])
 EXTRAS: dict[str, str] = {
     "flax": "experiments", "optax": "experiments", "orbax": "experiments", "grain": "experiments",
-    "tqdm": "experiments", "matplotlib": "experiments",
+    "tqdm": "experiments", "matplotlib": "experiments", "sklearn": "experiments",
 }
 # importable module name -> extra (what :func:`missing_extra_modules` probes)
 EXTRA_MODULES: dict[str, str] = {"flax": "experiments", "optax": "experiments", "orbax.checkpoint": "experiments",
-                                 "grain": "experiments", "tqdm": "experiments", "matplotlib": "experiments"}
+                                 "grain": "experiments", "tqdm": "experiments", "matplotlib": "experiments",
+                                 "sklearn": "experiments"}
 
 
 def missing_extra_modules(extra: str = "experiments") -> list[str]:

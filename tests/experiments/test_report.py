@@ -1,0 +1,46 @@
+"""experiments.common.report: the run-directory rules and the report files every experiment writes."""
+
+import json
+
+import pytest
+
+from experiments.common.config import ConfigError
+from experiments.common.paths import RESULTS_DIR
+from experiments.common.report import environment, prepare_out_dir, verdict_line, write_json, write_report
+
+
+def test_prepare_new_resume_report_and_mismatch(tmp_path):
+  out = tmp_path / "run"
+  assert prepare_out_dir(out, fingerprint="a") is None and out.is_dir()
+  with pytest.raises(ConfigError, match="--report: no results.json"):
+    prepare_out_dir(tmp_path / "other", fingerprint="a", report=True)
+  write_json(out / "results.json", {"fingerprint": "a", "rows": [1]})
+  with pytest.raises(ConfigError, match="--resume"):
+    prepare_out_dir(out, fingerprint="a")
+  assert prepare_out_dir(out, fingerprint="a", resume=True)["rows"] == [1]
+  assert prepare_out_dir(out, fingerprint="a", report=True)["rows"] == [1]
+  with pytest.raises(ConfigError, match="other settings"):
+    prepare_out_dir(out, fingerprint="b", resume=True)
+
+
+def test_reference_folder_is_never_a_default():
+  with pytest.raises(ConfigError, match="committed reference"):
+    prepare_out_dir(RESULTS_DIR / "some_experiment" / "default", fingerprint="a", explicit_out=False)
+
+
+def test_verdict_line_and_report_files(tmp_path, capsys):
+  with pytest.raises(ValueError, match="must be one of"):
+    verdict_line("kind of", "x")
+  with pytest.raises(ValueError, match="reason"):
+    verdict_line("partly", " ")
+  line = verdict_line("partly", "half of it matches")
+  write_report(tmp_path, {"fingerprint": "f", "environment": environment()}, title="T", table="| a |\n|---|\n| 1 |",
+               verdict=line, notes=["n1"], plots=["p.png"])
+  printed = capsys.readouterr().out.rstrip()
+  assert printed.endswith(line)
+  assert (tmp_path / "verdict.txt").read_text().strip() == line
+  assert (tmp_path / "table.md").read_text().startswith("# T\n")
+  data = json.loads((tmp_path / "results.json").read_text())
+  assert data["verdict"] == line and data["notes"] == ["n1"] and data["environment"]["backend"] == "cpu"
+  with pytest.raises(ValueError, match="verdict_line"):
+    write_report(tmp_path, {}, title="T", table="t", verdict="reproduced")
