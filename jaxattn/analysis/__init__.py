@@ -11,7 +11,7 @@ Capture and interventions (NNX models; flax is imported only when these are call
   :class:`LayerHook` is the per-module setting (also a ``MultiHeadAttention(analysis_hook=...)`` argument).
 
 Statistics without ``T x S``: :func:`attention_stats` (column sums, counts, row maxima, argmax, entropy, lse;
-``"xla"`` blockwise or ``"reference"``; Pallas statistics kernels are not written and the kernel backends raise)
+``"xla"`` blockwise, the Pallas statistics kernels ``"pallas_tpu"`` / ``"pallas_gpu"``, or ``"reference"``)
 and the dense :func:`attention_probs` for small shapes.
 
 Pure functions (no flax): :func:`aggregate`, :func:`rollout`, :func:`entropy`, :func:`top_k_mass`,

@@ -335,8 +335,9 @@ def capture(model, stats=("probs",), *, layers=None, stats_implementation: str =
       ``"colcount"``, ``"rowmax"``, ``"argmax"``, ``"entropy"`` (:func:`jaxattn.ops.softmax.stats.attention_stats`:
       never ``T x S``).
     layers: layer indices or paths to record (None: all attention layers).
-    stats_implementation: ``"xla"`` (blockwise) or ``"reference"``; the kernel backends have no statistics mode
-      and raise ``NotImplementedError``.
+    stats_implementation: ``"xla"`` (blockwise), ``"reference"``, or the Pallas statistics kernels
+      ``"pallas_tpu"`` / ``"pallas_gpu"`` (interpret mode on CPU); ``"cudnn"`` has no statistics mode and raises
+      ``NotImplementedError``.
     on_unsupported: ``"raise"`` (default) or ``"skip"`` attention modules that cannot expose probabilities.
 
   Yields:

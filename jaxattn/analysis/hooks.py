@@ -41,6 +41,7 @@ __all__ = ["HeadMask", "ACT", "LayerHook", "CAPTURABLE"]
 
 CAPTURABLE = ("probs",) + STATS
 _KERNELS = ("pallas_gpu", "pallas_tpu", "cudnn")
+_STATS_IMPLS = ("xla", "reference", "pallas_tpu", "pallas_gpu")
 _MODES = ("uniform", "zero")
 
 
@@ -114,7 +115,8 @@ class LayerHook:
   Attributes:
     path: the module path (recorded statistics are keyed by it).
     stats: statistics to record: ``"probs"`` and / or :data:`jaxattn.ops.softmax.stats.STATS` names.
-    stats_implementation: backend of the blockwise statistics (``"xla"`` or ``"reference"``).
+    stats_implementation: backend of the blockwise statistics (``"xla"``, ``"reference"``, or the Pallas
+      statistics kernels ``"pallas_tpu"`` / ``"pallas_gpu"``: :func:`jaxattn.ops.softmax.stats.attention_stats`).
     mask_heads: head indices to mask; ``mask_mode`` ``"uniform"`` or ``"zero"`` (:class:`HeadMask`).
     probs_hook: ``P [B, H, T, S] -> P'`` (f32), or None.
     act_heads: head indices to ACT-calibrate; ``act`` the settings (:class:`ACT`, its ``heads`` ignored here).
@@ -135,11 +137,11 @@ class LayerHook:
     if bad:
       raise ValueError(f"cannot capture {bad}: capturable statistics are {CAPTURABLE}")
     object.__setattr__(self, "stats", stats)
-    if self.stats_implementation in _KERNELS:
-      raise NotImplementedError(f"softmax backend {self.stats_implementation!r} has no statistics mode (no Pallas "
-                                f"statistics kernel is written); use stats_implementation='xla' or 'reference'")
-    if self.stats_implementation not in ("xla", "reference"):
-      raise ValueError(f"stats_implementation must be 'xla' or 'reference', got {self.stats_implementation!r}")
+    if self.stats_implementation == "cudnn":
+      raise NotImplementedError("softmax backend 'cudnn' has no statistics mode; use stats_implementation='xla', "
+                                "'pallas_tpu', 'pallas_gpu' or 'reference'")
+    if self.stats_implementation not in _STATS_IMPLS:
+      raise ValueError(f"stats_implementation must be one of {_STATS_IMPLS}, got {self.stats_implementation!r}")
     if self.mask_mode not in _MODES:
       raise ValueError(f"mask_mode must be one of {_MODES}, got {self.mask_mode!r}")
     object.__setattr__(self, "mask_heads", tuple(sorted({_head_index(h) for h in self.mask_heads})))

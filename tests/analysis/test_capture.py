@@ -160,8 +160,8 @@ def test_module_argument_and_errors(setup):
       pass
   with pytest.raises(ValueError, match="mode"):
     analysis.HeadMask({(0, 0)}, mode="drop")
-  with pytest.raises(NotImplementedError, match="'pallas_gpu' has no statistics mode"):
-    with analysis.capture(model, stats=("colsum",), stats_implementation="pallas_gpu"):
+  with pytest.raises(NotImplementedError, match="'cudnn' has no statistics mode"):
+    with analysis.capture(model, stats=("colsum",), stats_implementation="cudnn"):
       pass
   with pytest.raises(ValueError, match="'weights'"):
     with analysis.capture(model, stats=("weights",)):

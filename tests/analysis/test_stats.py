@@ -97,8 +97,8 @@ def test_rows_without_keys_and_mask_arrays():
 
 def test_stats_errors_name_the_value():
   q, k, _ = testing.random_qkv(0, B=1, T=8, H=2, D=4)
-  with pytest.raises(NotImplementedError, match="'pallas_gpu' has no statistics mode"):
-    attention_stats(q, k, implementation="pallas_gpu")
+  with pytest.raises(NotImplementedError, match="'cudnn' has no statistics mode"):
+    attention_stats(q, k, implementation="cudnn")
   with pytest.raises(ValueError, match="'colsums'"):
     attention_stats(q, k, stats=("colsums",))
   with pytest.raises(ValueError, match="'nope'"):

@@ -8,31 +8,45 @@ Backends: ``"xla"`` (blockwise: the static mask's visiting lists and partial til
 :mod:`jaxattn.ops.softmax.xla`, memory ``O(B * H * (block_q * block_k + T + S))``, never ``T x S``; a row pass over
 query blocks gives ``lse`` / ``rowmax`` / ``argmax`` / ``entropy``, a column pass over kv blocks gives ``colsum`` /
 ``colcount`` from the log-sum-exp, which the caller may pass from its forward, ``return_lse=True``, to skip the
-row pass) and ``"reference"`` (dense f32). The kernel backends (``"pallas_gpu"``, ``"pallas_tpu"``, ``"cudnn"``)
-have no statistics mode: asking them raises ``NotImplementedError`` (Pallas statistics kernels are not written).
+row pass), ``"reference"`` (dense f32) and the Pallas statistics kernels ``"pallas_tpu"``
+(:mod:`pallas_kernels.softmax.stats_tpu`, Mosaic) and ``"pallas_gpu"`` (:mod:`pallas_kernels.softmax.stats_gpu`,
+Triton). The kernels walk the same static-mask visiting lists and partial tiles as the flash forward kernels
+(:func:`~jaxattn.ops.softmax.mask_info.mask_info`): a row kernel over the kv lists (online ``lse`` / ``rowmax`` /
+``argmax`` / ``entropy``) and a column kernel over the transposed lists that sums the normalised block
+probabilities ``exp(s - lse)`` per key (``colsum`` / ``colcount``), never ``T x S``. They are statistics backends
+(:class:`PallasTpuStats`, :class:`PallasGpuStats`: ``supports`` / ``Config`` / ``default_config`` / ``fwd``, in
+:data:`STATS_BACKENDS`) with no ``bwd``: statistics are analysis outputs, not differentiated (``bwd`` raises). They
+take static masks, segment ids, GQA and the soft cap; they refuse a bias, boolean mask arrays and per-head masks
+(``ValueError`` naming the reason; use ``"xla"``). On CPU an explicit ``"pallas_tpu"`` / ``"pallas_gpu"`` runs in
+Pallas interpret mode (slow, for tests). ``"cudnn"`` has no statistics mode (``NotImplementedError``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxattn import backend as backend_lib
 from jaxattn._validation import validate_scale, validate_segment_ids, validate_soft_cap
+from jaxattn.backend import Backend
 from jaxattn.ops.softmax import api
-from jaxattn.ops.softmax.config import BlockSizes, SoftmaxCall
+from jaxattn.ops.softmax.config import (BlockSizes, PallasGpuConfig, PallasTpuConfig, SoftmaxCall,
+                                        dense_only_reason)
+from jaxattn.ops.softmax.mask_info import mask_info
 from jaxattn.ops.softmax.reference import allowed_dense
 from jaxattn.ops.softmax.xla import (BlockPlan, Tile, bias_blocks, ids_blocks, q_blocks, row_blocks, safe_max,
                                      visit_info)
 
-__all__ = ["STATS", "attention_stats", "attention_probs"]
+__all__ = ["STATS", "STATS_BACKENDS", "PallasGpuStats", "PallasTpuStats", "attention_stats", "attention_probs"]
 
 STATS = ("lse", "colsum", "colcount", "rowmax", "argmax", "entropy")
 _ROW = ("lse", "rowmax", "argmax", "entropy")
 _COL = ("colsum", "colcount")
-_KERNELS = ("pallas_gpu", "pallas_tpu", "cudnn")
+_NO_STATS = ("cudnn",)
 _HI = lax.Precision.HIGHEST
 
 
@@ -131,16 +145,19 @@ def attention_stats(q, k, *, mask=None, segment_ids=None, bias=None, scale: floa
     lse: optional ``[B, H, T]`` log-sum-exp of the same call (``softmax_attention(..., return_lse=True)``); the
       ``"xla"`` backend then skips its row pass when only ``colsum`` / ``colcount`` are asked.
     stats: a sequence of names from ``STATS``.
-    implementation: ``"xla"`` (blockwise; ``block_sizes`` its tiles) or ``"reference"`` (dense f32).
-    block_sizes: tiles of the ``"xla"`` pass (default: ``softmax_attention``'s xla default).
+    implementation: ``"xla"`` (blockwise; ``block_sizes`` its tiles), ``"reference"`` (dense f32),
+      ``"pallas_tpu"`` or ``"pallas_gpu"`` (the statistics kernels; interpret mode on CPU).
+    block_sizes: tiles of the ``"xla"`` pass (default: ``softmax_attention``'s xla default); for the kernels a
+      :class:`BlockSizes` or the backend's Config (:class:`PallasTpuConfig` / :class:`PallasGpuConfig`), whose
+      ``block_q`` / ``block_k`` tile both kernel passes (default: the flash forward's default tiles).
 
   Returns:
     A dict from each requested name to its array.
 
   Raises:
-    NotImplementedError: for a softmax backend without a statistics mode (``"pallas_gpu"``, ``"pallas_tpu"``,
-      ``"cudnn"``), naming it.
-    ValueError: on unknown statistics or backend names, or bad shapes (naming them).
+    NotImplementedError: for a softmax backend without a statistics mode (``"cudnn"``), naming it.
+    ValueError: on unknown statistics or backend names, bad shapes, or inputs a kernel backend does not take (a
+      bias, mask arrays, per-head masks, tiles breaking its rules), naming them.
   """
   if isinstance(stats, str):
     stats = (stats,)
@@ -148,12 +165,13 @@ def attention_stats(q, k, *, mask=None, segment_ids=None, bias=None, scale: floa
   bad = [s for s in stats if s not in STATS]
   if bad or not stats:
     raise ValueError(f"stats must be a non-empty sequence of {STATS}, got {stats!r}")
-  if implementation in _KERNELS:
-    raise NotImplementedError(f"softmax backend {implementation!r} has no statistics mode (no Pallas statistics "
-                              f"kernel is written); use implementation='xla' (blockwise, never T x S) or "
+  if implementation in _NO_STATS:
+    raise NotImplementedError(f"softmax backend {implementation!r} has no statistics mode; use "
+                              f"implementation='xla' (blockwise, never T x S), 'pallas_tpu', 'pallas_gpu' or "
                               f"'reference' (dense)")
-  if implementation not in ("xla", "reference"):
-    raise ValueError(f"attention_stats implementation must be 'xla' or 'reference', got {implementation!r}")
+  if implementation not in ("xla", "reference", *STATS_BACKENDS):
+    raise ValueError(f"attention_stats implementation must be one of {('xla', 'reference', *STATS_BACKENDS)}, "
+                     f"got {implementation!r}")
   if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
     raise ValueError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")
   q, k, bias, q_ids, kv_ids, call = prepare(q, k, mask, segment_ids, bias, scale, logits_soft_cap)
@@ -164,6 +182,13 @@ def attention_stats(q, k, *, mask=None, segment_ids=None, bias=None, scale: floa
       raise ValueError(f"lse must have shape [B, H, T] = {(B, H, T)}, got {lse.shape}")
   if implementation == "reference":
     return _reference_stats(q, k, bias, q_ids, kv_ids, call=call, stats=stats)
+  if implementation in STATS_BACKENDS:
+    backend = STATS_BACKENDS[implementation]
+    reason = backend.supports(call)
+    if reason is not None:
+      raise ValueError(f"attention_stats(implementation={implementation!r}): {reason}")
+    config = backend.config_from(call, block_sizes)
+    return _kernel_stats(q, k, q_ids, kv_ids, lse, name=implementation, call=call, config=config, stats=stats)
   blocks = block_sizes or api.BACKENDS["xla"].default_config(call)
   return _xla_stats(q, k, bias, q_ids, kv_ids, lse, call=call, blocks=blocks, stats=stats)
 
@@ -270,3 +295,148 @@ def _xla_stats(q, k, bias, q_ids, kv_ids, lse, *, call: SoftmaxCall, blocks: Blo
     if "colcount" in stats:
       out["colcount"] = col(ccB)
   return {name: out[name] for name in stats}
+
+
+# =================================================================================================== kernel backends
+
+
+class _KernelStats(Backend):
+  """A statistics backend: ``supports`` / ``Config`` / ``default_config`` / ``validate_config`` / ``fwd``.
+
+  ``fwd(call, config, (q, k, q_ids, kv_ids, lse), stats=...)`` returns ``(dict of statistics, None)``. There is no
+  ``bwd``: the statistics are analysis outputs (argmax and counts are integers; column sums of ``P`` are not a
+  loss any model trains), so they are computed outside autodiff and ``bwd`` raises ``NotImplementedError``.
+  Both kernel passes use the Config's forward tile ``(block_q, block_k)``; the backward tiles are ignored.
+  """
+
+  kernel = True
+  _platform = ""
+
+  def supports(self, call: SoftmaxCall) -> str | None:
+    if (reason := dense_only_reason(self.name, call)) is not None:
+      return reason + " (use implementation='xla')"
+    if call.bias is not None:
+      return f"the {self.name} statistics kernels take no additive bias (got one of dims {call.bias}; use " \
+             f"implementation='xla')"
+    if backend_lib.platform() not in (self._platform, "cpu"):
+      return f"{self.name} runs on {self._platform.upper()} (or in interpret mode on CPU), not on " \
+             f"{backend_lib.platform()!r}"
+    return None
+
+  def config_from(self, call: SoftmaxCall, block_sizes: BlockSizes | None):
+    """The validated Config: the default, ``block_sizes`` itself (a Config), or its tiles on the default knobs."""
+    if block_sizes is None:
+      config = self.default_config(call)
+    elif isinstance(block_sizes, self.Config):
+      config = block_sizes
+    else:
+      config = dataclasses.replace(self.default_config(call), **block_sizes.tiles())
+    self.validate_config(call, config)
+    return config
+
+  def bwd(self, call, config, residuals, cotangents, needs):
+    raise NotImplementedError(f"{self.name} attention statistics have no backward: they are not differentiable "
+                              f"outputs (compute them outside jax.grad, or differentiate attention_probs)")
+
+
+class PallasTpuStats(_KernelStats):
+  """``"pallas_tpu"`` statistics: :mod:`pallas_kernels.softmax.stats_tpu` over the static mask's lists."""
+
+  name = "pallas_tpu"
+  Config = PallasTpuConfig
+  _platform = "tpu"
+
+  def default_config(self, call: SoftmaxCall) -> PallasTpuConfig:
+    """The flash kernels' per-generation default (:func:`jaxattn.ops.softmax.pallas_tpu.default_config_for`)."""
+    from jaxattn.ops.softmax import pallas_tpu
+    from pallas_kernels.common.vmem import tpu_generation
+    return pallas_tpu.default_config_for(call, tpu_generation())
+
+  def validate_config(self, call: SoftmaxCall, config: PallasTpuConfig) -> None:
+    """The forward tile against the (8, 128) rule (``block_q`` sublanes, ``block_k`` lanes) and the VMEM limit."""
+    from pallas_kernels.softmax import stats_tpu
+    owner = f"{self.name} statistics: {type(config).__name__}"
+    stats_tpu.check_tiles(config.block_q, config.block_k, call.T, call.S, owner)
+    vmem = config.vmem_limit_bytes
+    if vmem is not None and (not isinstance(vmem, int) or isinstance(vmem, bool) or vmem < 1):
+      raise ValueError(f"{owner}.vmem_limit_bytes={vmem!r} must be None or a positive int")
+
+  def fwd(self, call: SoftmaxCall, config: PallasTpuConfig, args, stats=STATS):
+    from pallas_kernels.softmax import stats_tpu, tpu
+    q, k, q_ids, kv_ids, lse = args
+    bq, bk = stats_tpu.check_tiles(config.block_q, config.block_k, call.T, call.S)
+    info = mask_info(call.mask, call.T, call.S, bq, bk)
+    lift = lambda a: jnp.asarray(a, jnp.int32)[None, None]
+    pats = jnp.asarray(info.tiles) if info.has_partial else None
+    common = dict(q_segment_ids=q_ids, kv_segment_ids=kv_ids, scale=call.scale, soft_cap=call.logits_soft_cap,
+                  block_q=bq, block_k=bk, interpret=backend_lib.interpret_mode("tpu"),
+                  vmem_limit_bytes=config.vmem_limit_bytes)
+    out = {}
+    if lse is None or any(s in _ROW for s in stats if s != "lse"):
+      lists = tpu.VisitLists(lift(info.kv_index), lift(info.kv_count), lift(info.kv_tile))
+      row = dict(zip(_ROW, stats_tpu.row_stats(q, k, lists, pats, **common)))
+      lse = row["lse"] if lse is None else lse
+      out.update(row)
+    if any(s in _COL for s in stats):
+      lists_t = tpu.VisitLists(lift(info.q_index), lift(info.q_count), lift(info.q_tile))
+      out.update(zip(_COL, stats_tpu.col_stats(q, k, lse, lists_t, pats, **common)))
+    out.setdefault("lse", lse)
+    return {name: out[name] for name in stats}, None
+
+
+class PallasGpuStats(_KernelStats):
+  """``"pallas_gpu"`` statistics: :mod:`pallas_kernels.softmax.stats_gpu` (Triton) over the static mask's lists."""
+
+  name = "pallas_gpu"
+  Config = PallasGpuConfig
+  _platform = "gpu"
+
+  def supports(self, call: SoftmaxCall) -> str | None:
+    if (reason := super().supports(call)) is not None:
+      return reason
+    from pallas_kernels.softmax import gpu
+    if not gpu.supported_head_dim(call.D):
+      return f"{self.name} supports head dims up to {gpu.MAX_HEAD_DIM}, got D={call.D}"
+    return None
+
+  def default_config(self, call: SoftmaxCall) -> PallasGpuConfig:
+    """The flash kernels' default (:func:`jaxattn.ops.softmax.pallas_gpu.default_gpu_config`)."""
+    from jaxattn.ops.softmax import pallas_gpu
+    return pallas_gpu.default_gpu_config(call.T, call.S, call.D, jnp.dtype(call.dtype).itemsize)
+
+  def validate_config(self, call: SoftmaxCall, config: PallasGpuConfig) -> None:
+    from jaxattn.ops.softmax import pallas_gpu
+    pallas_gpu.validate_gpu_config(f"{self.name} statistics", config)
+
+  def fwd(self, call: SoftmaxCall, config: PallasGpuConfig, args, stats=STATS):
+    from pallas_kernels.softmax import gpu, stats_gpu
+    q, k, q_ids, kv_ids, lse = args
+    bq, bk = config.fwd
+    info = mask_info(call.mask, call.T, call.S, bq, bk)
+    lift = lambda a: jnp.asarray(a, jnp.int32)[None, None]
+    partial = info.has_partial
+    pats = jnp.asarray(info.tiles.astype("int8")) if partial else None
+    common = dict(block_q=bq, block_k=bk, scale=call.scale, soft_cap=call.logits_soft_cap,
+                  num_warps=config.warps(call.D), interpret=backend_lib.interpret_mode("gpu"))
+    out = {}
+    if lse is None or any(s in _ROW for s in stats if s != "lse"):
+      lists = gpu.BlockLists(lift(info.kv_index), lift(info.kv_count), lift(info.kv_tile) if partial else None)
+      row = dict(zip(_ROW, stats_gpu.row_stats(q, k, q_ids, kv_ids, lists, pats, num_stages=config.num_stages,
+                                               **common)))
+      lse = row["lse"] if lse is None else lse
+      out.update(row)
+    if any(s in _COL for s in stats):
+      lists_t = gpu.BlockLists(lift(info.q_index), lift(info.q_count), lift(info.q_tile) if partial else None)
+      out.update(zip(_COL, stats_gpu.col_stats(q, k, lse, q_ids, kv_ids, lists_t, pats,
+                                               num_stages=config.num_stages_bwd, **common)))
+    out.setdefault("lse", lse)
+    return {name: out[name] for name in stats}, None
+
+
+STATS_BACKENDS: dict[str, _KernelStats] = {"pallas_tpu": PallasTpuStats(), "pallas_gpu": PallasGpuStats()}
+
+
+@functools.partial(jax.jit, static_argnames=("name", "call", "config", "stats"))
+def _kernel_stats(q, k, q_ids, kv_ids, lse, *, name: str, call: SoftmaxCall, config, stats):
+  out, _ = STATS_BACKENDS[name].fwd(call, config, (q, k, q_ids, kv_ids, lse), stats=stats)
+  return out
