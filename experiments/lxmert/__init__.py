@@ -1,0 +1,1 @@
+"""LXMERT toy relational VQA (``python -m experiments lxmert``)."""

@@ -1,0 +1,1 @@
+"""Pink-style referring tasks on the toy VLM (``python -m experiments pink``)."""
