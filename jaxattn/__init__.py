@@ -6,6 +6,7 @@ Public surface::
     jaxattn.block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, block_q=..., block_k=...)
     jaxattn.linear_attention(q, k, v, log_decay=..., causal=..., initial_state=..., return_final_state=...)
     jaxattn.linear_attention_step(q_t, k_t, v_t, state, log_decay=...)   # one decode step
+    jaxattn.halo_attention(q, k, v, block=..., halo=...)   # HaloNet blocked local 2-D attention, images
     jaxattn.landmark_attention(q, k, v, block_size=...)   # grouped softmax over landmark blocks
     jaxattn.decode_attention(q_t, k_cache, v_cache, lengths=..., index=..., return_stats=...)  # one-token decode
     jaxattn.BlockSizes, jaxattn.PallasGpuConfig, jaxattn.PallasTpuConfig   # softmax backends' tuning configs:
@@ -28,6 +29,7 @@ from jaxattn import parallel as parallel
 from jaxattn import sparse as sparse
 from jaxattn import testing as testing
 from jaxattn.ops.decode import decode_attention as decode_attention
+from jaxattn.ops.halo import halo_attention as halo_attention
 from jaxattn.ops.landmark import landmark_attention as landmark_attention
 from jaxattn.ops.linear import linear_attention as linear_attention
 from jaxattn.ops.linear import linear_attention_step as linear_attention_step
