@@ -1,0 +1,1 @@
+"""ACT: hidden attention sinks and attention calibration at toy scale (``python -m experiments act``)."""
