@@ -6,6 +6,14 @@ Adding one is one line in :data:`SUBCOMMANDS`; the function takes the remaining 
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     # name: ("module:function", one-line description)
+    "bayes_pfl": ("experiments.bayes_pfl.run:main", "Bayes-PFL RCA: zero-shot patch localisation of unseen digit "
+                                                    "classes, residual cross-attention vs static prompts"),
+    "crosstune": ("experiments.crosstune.run:main", "CrossTune: few-shot topics over frozen features, label-"
+                                                    "description cross-attention head vs linear probe / prototype"),
+    "lxmert": ("experiments.lxmert.run:main", "LXMERT toy relational VQA: co-attention vs single-stream at equal "
+                                              "parameters, question-only and majority baselines"),
+    "pink": ("experiments.pink.run:main", "Pink referring tasks (box-as-text) on the toy VLM: grounding IoU and "
+                                          "referring accuracy vs no-image and random-box baselines"),
     "bench": ("experiments.bench.run:main", "time attention implementations side by side with the anchors"),
     "passkey": ("experiments.passkey.run:main", "landmark attention: passkey retrieval beyond the training length "
                                                 "with top-k block retrieval vs a window baseline"),
@@ -19,6 +27,19 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                                                          "K = L/8 sparse decode_attention, jax.nn beside"),
     "cp_model": ("experiments.cp_model.run:main", "context-parallel cost model: per-device FLOPs, bytes, imbalance "
                                                   "and modelled step time of ring/all-gather/Ulysses/USP"),
+    "cab": ("experiments.cab.run:main", "CAB: efficiency length of the efficient-attention zoo vs dense softmax, a "
+                                        "mini benchmark per attention pattern with the compositional index"),
+    "halonet": ("experiments.halonet.run:main", "HaloNet: blocked local 2-D attention vs a conv net vs global "
+                                                "attention on digit canvases at equal parameters (accuracy, FLOPs)"),
+    "act": ("experiments.act.run:main", "ACT: hidden attention sinks per head and accuracy with attention calibration "
+                                        "on searched vs random vs all heads of a small in-context classifier"),
+    "cross_saliency": ("experiments.cross_saliency.run:main", "cross-attention vs gradient saliency (Pearson r per "
+                                                              "layer and head aggregation) on a toy seq2seq task"),
+    "retrieval_heads": ("experiments.retrieval_heads.run:main", "Retrieval Head: retrieval scores of a tiny "
+                                                                "decoder's heads, needle recall with top-k vs random "
+                                                                "heads masked"),
+    "recycled": ("experiments.recycled.run:main", "Recycled Attention: attention-mass recovery vs steps since the full "
+                                                  "step, decode NLL of recycled vs StreamingLLM/H2O/SnapKV at K=N/8"),
     "sparse_frontier": ("experiments.sparse_frontier.run:main", "Sparse Frontier: a tiny LM's accuracy and attention "
                                                                 "recall vs sparsity, sparse prefill vs decode, N and 2N"),
 }
