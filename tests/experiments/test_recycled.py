@@ -125,6 +125,7 @@ def test_verdict_reads_ordering_and_recovery():
   assert "paper PPL" in rc.table(_rows(cfg, good), curves, cfg)
 
 
+@pytest.mark.slow
 def test_smoke_run_end_to_end_resume_and_report(tmp_path):
   cfg = dataclasses.replace(PRESETS["smoke"], lengths=(64,), policies=("vanilla", "streaming"))
   out = tmp_path / "out"
