@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from configs.common import AdamWConfig as TrainConfig
+
 __all__ = ["TaskConfig", "ModelConfig", "TrainConfig", "ActConfig", "PRESETS", "get_config"]
 
 
@@ -67,25 +69,6 @@ class ModelConfig:
   num_heads: int = 4
   num_layers: int = 4
   mlp_ratio: int = 4
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """AdamW + cosine (``experiments.common.train``); the loss covers every label position of a sequence."""
-
-  steps: int = 2400
-  batch_size: int = 64
-  lr: float = 2e-3
-  weight_decay: float = 0.01
-  b1: float = 0.9
-  b2: float = 0.98
-  eps: float = 1e-8
-  warmup_steps: int = 100
-  grad_clip: float | None = 1.0
-  eval_every: int = 400
-  eval_batch_size: int = 256
-  checkpoint_every: int | None = None
-  seed: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

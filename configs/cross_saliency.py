@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from configs.common import AdamWConfig as TrainConfig
+
 __all__ = ["Variant", "ModelConfig", "TrainConfig", "CrossSaliencyConfig", "PRESETS", "TASKS"]
 
 TASKS = ("reverse", "mix2")
@@ -48,25 +50,6 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """AdamW + cosine (``experiments.common.train``), teacher-forced cross-entropy."""
-
-  steps: int = 1500
-  batch_size: int = 64
-  lr: float = 2e-3
-  weight_decay: float = 0.01
-  b1: float = 0.9
-  b2: float = 0.98
-  eps: float = 1e-8
-  warmup_steps: int = 100
-  grad_clip: float | None = 1.0
-  eval_every: int = 500
-  eval_batch_size: int = 256
-  checkpoint_every: int | None = None
-  seed: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
 class CrossSaliencyConfig:
   """One experiment.
 
@@ -86,7 +69,7 @@ class CrossSaliencyConfig:
   length: int = 10
   vocab: int = 16
   model: ModelConfig = ModelConfig()
-  train: TrainConfig = TrainConfig()
+  train: TrainConfig = TrainConfig(steps=1500, eval_every=500)
   num_train: int = 65536
   num_test: int = 256
   ig_steps: int = 16
@@ -102,7 +85,7 @@ class CrossSaliencyConfig:
 
 
 PRESETS: dict[str, CrossSaliencyConfig] = {
-    "cpu": CrossSaliencyConfig("cpu"),
+    "cpu": CrossSaliencyConfig("cpu", train=TrainConfig(steps=1500, eval_every=500)),
     "gpu": CrossSaliencyConfig("gpu", length=32, vocab=64, model=ModelConfig(d_model=256, num_heads=8, dec_layers=4),
                                variants=(Variant("reverse", 4), Variant("mix2", 6)),
                                train=TrainConfig(steps=20000, batch_size=128, lr=1e-3, eval_every=2000),

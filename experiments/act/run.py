@@ -20,10 +20,8 @@ Outputs (``--out``, default ``runs/act/<preset>/``): ``results.json``, ``table.m
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import pathlib
-import sys
 import time
 from typing import Sequence
 
@@ -31,8 +29,8 @@ import numpy as np
 
 from configs.act import PRESETS, ActConfig, TaskConfig
 from experiments.common import config as config_lib
+from experiments.common import report as report_lib
 from experiments.common.data import GeneratedSource
-from experiments.common.paths import default_out_dir
 
 __all__ = ["ICLSource", "TOKEN_TYPES", "token_types", "main", "run", "verdict", "sink_stats", "correct"]
 
@@ -425,21 +423,6 @@ def _compute(cfg, out, payload, progress, verbose, interrupt_after):
   return extra
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = config_lib.ArgumentParser(prog="python -m experiments act", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
-  p.add_argument("--out", default=None, help="output folder (default runs/act/<preset>/)")
-  p.add_argument("--resume", action="store_true", help="continue the run already in --out")
-  p.add_argument("--report", action="store_true", help="compute nothing: rebuild table and plots from results.json")
-  p.add_argument("--no-progress", action="store_true", help="no progress bars")
-  return p
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-  args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-  cfg = PRESETS[args.preset]
-  out = pathlib.Path(args.out) if args.out else default_out_dir("act", cfg.name)
-  run(cfg, out, resume=args.resume, report=args.report, progress=not args.no_progress,
-      explicit_out=args.out is not None)
-  return 0
+  """``python -m experiments act``: see :func:`experiments.common.report.preset_main`."""
+  return report_lib.preset_main("act", __doc__, PRESETS, run, argv)

@@ -16,15 +16,13 @@ Outputs (``--out``, default ``runs/bayes_pfl/<preset>/``): ``results.json``, ``t
 
 from __future__ import annotations
 
-import argparse
 import pathlib
-import sys
 import time
 from typing import Sequence
 
 from configs.bayes_pfl import PRESETS, BayesPFLConfig
 from experiments.common import config as config_lib
-from experiments.common.paths import default_out_dir
+from experiments.common import report as report_lib
 
 __all__ = ["main", "run", "make_canvases", "verdict", "table"]
 
@@ -210,12 +208,12 @@ def dataclasses_replace_n(cfg):
   return dataclasses.replace(cfg, n_test=4)
 
 
-def run(cfg: BayesPFLConfig, out, *, resume=False, report=False, progress=True, verbose=True) -> dict:
+def run(cfg: BayesPFLConfig, out, *, resume=False, report=False, progress=True, verbose=True, explicit_out=True) -> dict:
   from experiments.common.report import environment, prepare_out_dir, write_json, write_report
 
   out = pathlib.Path(out)
   fp = config_lib.fingerprint(cfg)
-  old = prepare_out_dir(out, fingerprint=fp, resume=resume, report=report)
+  old = prepare_out_dir(out, fingerprint=fp, resume=resume, report=report, explicit_out=explicit_out)
   rows = list(old["rows"]) if old else []
   cpu = float(old.get("cpu_seconds", 0.0)) if old else 0.0
   payload = {"experiment": "bayes_pfl", "config": config_lib.to_dict(cfg), "fingerprint": fp}
@@ -244,23 +242,6 @@ def run(cfg: BayesPFLConfig, out, *, resume=False, report=False, progress=True, 
   return payload
 
 
-def _parser():
-  p = argparse.ArgumentParser(prog="python -m experiments bayes_pfl", description=__doc__.splitlines()[0])
-  p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-  p.add_argument("--out", default=None, help="run directory (default runs/bayes_pfl/<preset>/)")
-  p.add_argument("--resume", action="store_true", help="continue a killed run in --out")
-  p.add_argument("--report", action="store_true", help="rebuild table, plot and verdict from finished seeds")
-  p.add_argument("--no-progress", action="store_true")
-  return p
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-  args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-  cfg = PRESETS[args.preset]
-  out = pathlib.Path(args.out) if args.out else default_out_dir("bayes_pfl", cfg.name)
-  try:
-    run(cfg, out, resume=args.resume, report=args.report, progress=not args.no_progress)
-  except config_lib.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
+  """``python -m experiments bayes_pfl``: see :func:`experiments.common.report.preset_main`."""
+  return report_lib.preset_main("bayes_pfl", __doc__, PRESETS, run, argv)

@@ -23,16 +23,13 @@ continues a killed run and ``--report`` rebuilds the rest), ``table.md``, ``time
 
 from __future__ import annotations
 
-import argparse
 import pathlib
-import sys
 import time
 from typing import Sequence
 
 from configs.cab import PRESETS, TASKS, CabConfig
 from experiments.common import config as config_lib
 from experiments.common import report as report_lib
-from experiments.common.paths import default_out_dir
 
 __all__ = ["main", "run", "plan", "verdict", "tables"]
 
@@ -445,21 +442,6 @@ def run(cfg: CabConfig, out: str | pathlib.Path, *, resume: bool = False, report
   return {**payload, "table_markdown": md, "notes": notes, "verdict": line}
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = config_lib.ArgumentParser(prog="python -m experiments cab", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
-  p.add_argument("--out", default=None, help="output folder (default runs/cab/<preset>/)")
-  p.add_argument("--resume", action="store_true", help="continue the run already in --out")
-  p.add_argument("--report", action="store_true", help="run nothing: rebuild the outputs from results.json")
-  p.add_argument("--no-progress", action="store_true", help="no progress bars")
-  return p
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-  args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-  cfg = PRESETS[args.preset]
-  out = pathlib.Path(args.out) if args.out else default_out_dir("cab", cfg.name)
-  run(cfg, out, resume=args.resume, report=args.report, progress=not args.no_progress,
-      explicit_out=args.out is not None)
-  return 0
+  """``python -m experiments cab``: see :func:`experiments.common.report.preset_main`."""
+  return report_lib.preset_main("cab", __doc__, PRESETS, run, argv)

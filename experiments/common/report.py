@@ -9,7 +9,9 @@ A run directory holds ``results.json`` (config, fingerprint, environment, one re
 - :func:`verdict_line` — the one ``VERDICT: reproduced | partly | not reproduced — why`` line;
 - :func:`write_report` — ``table.md`` + ``verdict.txt`` + ``results.json`` and the final print (table, then verdict
   last);
-- :func:`environment` — what ran it (jax version, backend, device kind, CPU count, git sha).
+- :func:`environment` — what ran it (jax version, backend, device kind, CPU count, git sha);
+- :func:`preset_main` — the command line every preset experiment shares (``--preset --out --resume --report
+  --no-progress``).
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ import os
 import pathlib
 import platform
 import subprocess
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from experiments.common.config import ConfigError
 from experiments.common.paths import is_reference_results
 
-__all__ = ["VERDICTS", "environment", "prepare_out_dir", "write_json", "verdict_line", "write_report"]
+__all__ = ["VERDICTS", "environment", "prepare_out_dir", "preset_main", "write_json", "verdict_line", "write_report"]
 
 VERDICTS = ("reproduced", "partly", "not reproduced")
 
@@ -107,3 +109,36 @@ def write_report(out: str | os.PathLike, payload: dict, *, title: str, table: st
   if verbose:
     files = ", ".join(["results.json", "table.md", "verdict.txt", *plots])
     print(f"\noutputs in {out}/ ({files})\n\n{body.rstrip()}", flush=True)
+
+
+def preset_main(name: str, doc: str | None, presets: Mapping[str, Any], run: Callable[..., Any],
+                argv: Sequence[str] | None = None, *, model_root: bool = False) -> int:
+  """The command line of a preset experiment: ``python -m experiments <name> [--preset P] [--out DIR] [--resume]
+  [--report] [--no-progress]`` (plus ``--model-root`` where the experiment reuses a cached trained model).
+
+  Calls ``run(presets[P], out, resume=, report=, progress=, explicit_out=[, model_root=])``; ``out`` defaults to
+  ``runs/<name>/<preset>/``. A :class:`~experiments.common.config.ConfigError` raised by ``run`` propagates to the
+  dispatcher (``experiments/__main__.py``), which prints it as one line with exit status 1; bad flags exit 2.
+  """
+  import argparse
+  import sys
+
+  from experiments.common import config as config_lib
+  from experiments.common.paths import default_out_dir
+
+  p = config_lib.ArgumentParser(prog=f"python -m experiments {name}", description=(doc or name).split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--preset", default="cpu", choices=sorted(presets))
+  p.add_argument("--out", default=None, help=f"output folder (default runs/{name}/<preset>/)")
+  p.add_argument("--resume", action="store_true", help="continue the run already in --out")
+  p.add_argument("--report", action="store_true", help="compute nothing: rebuild the outputs from results.json")
+  if model_root:
+    p.add_argument("--model-root", default=None, help="where trained models are cached (default runs/longctx)")
+  p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+  cfg = presets[args.preset]
+  out = pathlib.Path(args.out) if args.out else default_out_dir(name, cfg.name)
+  extra = {"model_root": args.model_root} if model_root else {}
+  run(cfg, out, resume=args.resume, report=args.report, progress=not args.no_progress,
+      explicit_out=args.out is not None, **extra)
+  return 0

@@ -24,9 +24,7 @@ line printed. ``--resume`` continues (finished variants are kept, training resum
 
 from __future__ import annotations
 
-import argparse
 import pathlib
-import sys
 import time
 from typing import Sequence
 
@@ -34,8 +32,8 @@ import numpy as np
 
 from configs.cross_saliency import PRESETS, CrossSaliencyConfig, Variant
 from experiments.common import config as config_lib
+from experiments.common import report as report_lib
 from experiments.common.data import GeneratedSource
-from experiments.common.paths import default_out_dir
 
 __all__ = ["Seq2SeqSource", "gold_alignment", "analyse", "main", "run", "verdict", "SALIENCY"]
 
@@ -362,21 +360,6 @@ def run(cfg: CrossSaliencyConfig, out, *, resume: bool = False, report: bool = F
   return {**payload, "table_markdown": md, "verdict": line}
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = config_lib.ArgumentParser(prog="python -m experiments cross_saliency", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
-  p.add_argument("--out", default=None, help="output folder (default runs/cross_saliency/<preset>/)")
-  p.add_argument("--resume", action="store_true", help="continue the run already in --out")
-  p.add_argument("--report", action="store_true", help="compute nothing: rebuild table and plots from results.json")
-  p.add_argument("--no-progress", action="store_true", help="no progress bars")
-  return p
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-  args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-  cfg = PRESETS[args.preset]
-  out = pathlib.Path(args.out) if args.out else default_out_dir("cross_saliency", cfg.name)
-  run(cfg, out, resume=args.resume, report=args.report, progress=not args.no_progress,
-      explicit_out=args.out is not None)
-  return 0
+  """``python -m experiments cross_saliency``: see :func:`experiments.common.report.preset_main`."""
+  return report_lib.preset_main("cross_saliency", __doc__, PRESETS, run, argv)

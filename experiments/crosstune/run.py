@@ -21,15 +21,13 @@ Outputs (``--out``, default ``runs/crosstune/<preset>/``): ``results.json`` (one
 
 from __future__ import annotations
 
-import argparse
 import pathlib
-import sys
 import time
 from typing import Sequence
 
 from configs.crosstune import PRESETS, CrossTuneConfig
 from experiments.common import config as config_lib
-from experiments.common.paths import default_out_dir
+from experiments.common import report as report_lib
 
 __all__ = ["main", "run", "make_data", "verdict", "table"]
 
@@ -243,13 +241,13 @@ def _plot(rows, cfg, out):
 
 # ---------------------------------------------------------------------------------------------------- driver
 def run(cfg: CrossTuneConfig, out, *, resume: bool = False, report: bool = False, progress: bool = True,
-        verbose: bool = True) -> dict:
+        verbose: bool = True, explicit_out: bool = True) -> dict:
   """Runs (or resumes / reports) the sweep; returns the results payload."""
   from experiments.common.report import environment, prepare_out_dir, write_json, write_report
 
   out = pathlib.Path(out)
   fp = config_lib.fingerprint(cfg)
-  old = prepare_out_dir(out, fingerprint=fp, resume=resume, report=report)
+  old = prepare_out_dir(out, fingerprint=fp, resume=resume, report=report, explicit_out=explicit_out)
   rows = list(old["rows"]) if old else []
   cpu = float(old.get("cpu_seconds", 0.0)) if old else 0.0
   payload = {"experiment": "crosstune", "config": config_lib.to_dict(cfg), "fingerprint": fp, "rows": rows}
@@ -287,23 +285,6 @@ def run(cfg: CrossTuneConfig, out, *, resume: bool = False, report: bool = False
   return payload
 
 
-def _parser():
-  p = argparse.ArgumentParser(prog="python -m experiments crosstune", description=__doc__.splitlines()[0])
-  p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-  p.add_argument("--out", default=None, help="run directory (default runs/crosstune/<preset>/)")
-  p.add_argument("--resume", action="store_true", help="continue a killed run in --out")
-  p.add_argument("--report", action="store_true", help="rebuild table, plot and verdict from finished cells")
-  p.add_argument("--no-progress", action="store_true")
-  return p
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-  args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-  cfg = PRESETS[args.preset]
-  out = pathlib.Path(args.out) if args.out else default_out_dir("crosstune", cfg.name)
-  try:
-    run(cfg, out, resume=args.resume, report=args.report, progress=not args.no_progress)
-  except config_lib.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
+  """``python -m experiments crosstune``: see :func:`experiments.common.report.preset_main`."""
+  return report_lib.preset_main("crosstune", __doc__, PRESETS, run, argv)

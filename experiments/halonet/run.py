@@ -13,17 +13,14 @@ Outputs (``--out``, default ``runs/halonet/<preset>/``): ``results.json``, ``tab
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import shutil
-import sys
 import time
 from typing import Sequence
 
 from configs.halonet import PRESETS, HaloNetConfig
 from experiments.common import config as config_lib
-from experiments.common import report
-from experiments.common.paths import default_out_dir
+from experiments.common import report as report_lib
 
 __all__ = ["main", "run", "build_model", "plan", "verdict", "table", "attention_flops"]
 
@@ -193,13 +190,13 @@ def verdict(rows, cfg: HaloNetConfig) -> tuple[str, list[str]]:
   s = _summary(rows, cfg)
   notes = []
   if not {"conv", "halo"} <= set(s):
-    return report.verdict_line("not reproduced", "the sweep is incomplete (no finished conv or halo run); rerun "
+    return report_lib.verdict_line("not reproduced", "the sweep is incomplete (no finished conv or halo run); rerun "
                                "with --resume"), notes
   planned, finished = len(plan(cfg)), len(rows)
   partial = f"; partial sweep: {finished} of {planned} runs finished" if finished < planned else ""
   c, h = s["conv"], s["halo"]
   if c["mean"] < MIN_CONV:
-    return report.verdict_line("not reproduced", f"not testable: the conv baseline reaches only {c['mean']:.3f} "
+    return report_lib.verdict_line("not reproduced", f"not testable: the conv baseline reaches only {c['mean']:.3f} "
                                f"(< {MIN_CONV}), too short a run to compare architectures{partial}"), notes
   match = h["mean"] >= c["mean"] - MATCH_MARGIN
   pr = h["params"] / c["params"]
@@ -215,7 +212,7 @@ def verdict(rows, cfg: HaloNetConfig) -> tuple[str, list[str]]:
     notes.append(f"halo ablation: h={cfg.halo} {h['mean']:.3f} vs h=0 {s['halo_h0']['mean']:.3f}")
   ok = [match, cheap]
   head = "reproduced" if all(ok) and not partial else "partly" if any(ok) else "not reproduced"
-  return report.verdict_line(head, "; ".join(why) + f" (toy scale: 16x16 digit canvases, {cfg.steps} steps"
+  return report_lib.verdict_line(head, "; ".join(why) + f" (toy scale: 16x16 digit canvases, {cfg.steps} steps"
                              f"{partial})"), notes
 
 
@@ -238,16 +235,16 @@ def _plot(rows, cfg, out: pathlib.Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- run
-def run(cfg: HaloNetConfig, out, *, resume: bool = False, report_only: bool = False, progress: bool = True,
+def run(cfg: HaloNetConfig, out, *, resume: bool = False, report: bool = False, progress: bool = True,
         verbose: bool = True, explicit_out: bool = True, interrupt_after: int | None = None) -> dict:
   """Runs (or resumes, or only reports) the sweep; returns the ``results.json`` content."""
   out = pathlib.Path(out)
   fp = config_lib.fingerprint(cfg)
-  old = report.prepare_out_dir(out, fingerprint=fp, resume=resume, report=report_only, explicit_out=explicit_out)
+  old = report_lib.prepare_out_dir(out, fingerprint=fp, resume=resume, report=report, explicit_out=explicit_out)
   rows = list(old["rows"]) if old else []
-  payload = dict(preset=cfg.name, fingerprint=fp, config=config_lib.to_dict(cfg), environment=report.environment(),
+  payload = dict(preset=cfg.name, fingerprint=fp, config=config_lib.to_dict(cfg), environment=report_lib.environment(),
                  rows=rows, cpu_seconds=(old or {}).get("cpu_seconds", 0.0))
-  if not report_only:
+  if not report:
     import jax
     from tqdm.auto import tqdm
 
@@ -284,7 +281,7 @@ def run(cfg: HaloNetConfig, out, *, resume: bool = False, report_only: bool = Fa
                  cpu_s=round(time.process_time() - c0, 1))
       rows.append(row)
       payload["cpu_seconds"] = round(payload["cpu_seconds"] + row["cpu_s"], 1)
-      report.write_json(out / "results.json", payload)
+      report_lib.write_json(out / "results.json", payload)
       shutil.rmtree(ckpt, ignore_errors=True)
       bar.update(1)
     bar.close()
@@ -294,27 +291,12 @@ def run(cfg: HaloNetConfig, out, *, resume: bool = False, report_only: bool = Fa
   line, notes = verdict(rows, cfg)
   notes = notes + [f"CPU seconds (process time, all runs): {payload['cpu_seconds']}"]
   _plot(rows, cfg, out)
-  report.write_report(out, payload, title=f"HaloNet at toy scale, preset {cfg.name}", table=md, verdict=line,
+  report_lib.write_report(out, payload, title=f"HaloNet at toy scale, preset {cfg.name}", table=md, verdict=line,
                       notes=notes, plots=["accuracy.png"], verbose=verbose)
   payload.update(table_markdown=md, notes=notes, verdict=line)
   return payload
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = config_lib.ArgumentParser(prog="python -m experiments halonet", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
-  p.add_argument("--out", default=None, help="output folder (default runs/halonet/<preset>/)")
-  p.add_argument("--resume", action="store_true", help="continue the sweep already in --out")
-  p.add_argument("--report", action="store_true", help="train nothing: rebuild the outputs from results.json")
-  p.add_argument("--no-progress", action="store_true", help="no progress bars")
-  return p
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-  args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-  cfg = PRESETS[args.preset]
-  out = pathlib.Path(args.out) if args.out else default_out_dir("halonet", cfg.name)
-  run(cfg, out, resume=args.resume, report_only=args.report, progress=not args.no_progress,
-      explicit_out=args.out is not None)
-  return 0
+  """``python -m experiments halonet``: see :func:`experiments.common.report_lib.preset_main`."""
+  return report_lib.preset_main("halonet", __doc__, PRESETS, run, argv)

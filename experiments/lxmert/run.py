@@ -20,9 +20,7 @@ Outputs (``--out``, default ``runs/lxmert/<preset>/``): ``results.json``, ``tabl
 
 from __future__ import annotations
 
-import argparse
 import pathlib
-import sys
 import time
 from typing import Sequence
 
@@ -30,8 +28,8 @@ import numpy as np
 
 from configs.lxmert import PRESETS, LXMERTConfig
 from experiments.common import config as config_lib
+from experiments.common import report as report_lib
 from experiments.common.data import GeneratedSource
-from experiments.common.paths import default_out_dir
 from experiments.common.report import environment, prepare_out_dir, verdict_line, write_json, write_report
 
 __all__ = ["main", "run", "VQASource", "VQAModel", "plan", "verdict", "table"]
@@ -312,21 +310,6 @@ def run(cfg: LXMERTConfig, out, *, resume: bool = False, report: bool = False, p
   return {**payload, "verdict": line, "table_markdown": md}
 
 
-def _parser():
-  p = config_lib.ArgumentParser(prog="python -m experiments lxmert", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
-  p.add_argument("--out", default=None, help="output folder (default runs/lxmert/<preset>/)")
-  p.add_argument("--resume", action="store_true", help="continue the sweep already in --out")
-  p.add_argument("--report", action="store_true", help="train nothing: rebuild the outputs from results.json")
-  p.add_argument("--no-progress", action="store_true", help="no progress bars")
-  return p
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-  args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-  cfg = PRESETS[args.preset]
-  out = pathlib.Path(args.out) if args.out else default_out_dir("lxmert", cfg.name)
-  run(cfg, out, resume=args.resume, report=args.report, progress=not args.no_progress,
-      explicit_out=args.out is not None)
-  return 0
+  """``python -m experiments lxmert``: see :func:`experiments.common.report.preset_main`."""
+  return report_lib.preset_main("lxmert", __doc__, PRESETS, run, argv)

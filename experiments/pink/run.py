@@ -18,10 +18,8 @@ Scored on held-out scenes of unseen digit images with greedy decoding: Acc@0.5 (
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import pathlib
-import sys
 import time
 from typing import Sequence
 
@@ -29,7 +27,7 @@ import numpy as np
 
 from configs.pink import PRESETS, PinkConfig
 from experiments.common import config as config_lib
-from experiments.common.paths import default_out_dir
+from experiments.common import report as report_lib
 from experiments.common.report import environment, prepare_out_dir, verdict_line, write_json, write_report
 
 __all__ = ["main", "run", "score", "random_answers", "verdict", "table"]
@@ -192,21 +190,6 @@ def run(cfg: PinkConfig, out, *, resume: bool = False, report: bool = False, pro
   return {**payload, "verdict": line, "table_markdown": md}
 
 
-def _parser():
-  p = config_lib.ArgumentParser(prog="python -m experiments pink", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
-  p.add_argument("--out", default=None, help="output folder (default runs/pink/<preset>/)")
-  p.add_argument("--resume", action="store_true", help="continue the cells already in --out")
-  p.add_argument("--report", action="store_true", help="train nothing: rebuild the outputs from results.json")
-  p.add_argument("--no-progress", action="store_true", help="no progress bars")
-  return p
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-  args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-  cfg = PRESETS[args.preset]
-  out = pathlib.Path(args.out) if args.out else default_out_dir("pink", cfg.name)
-  run(cfg, out, resume=args.resume, report=args.report, progress=not args.no_progress,
-      explicit_out=args.out is not None)
-  return 0
+  """``python -m experiments pink``: see :func:`experiments.common.report.preset_main`."""
+  return report_lib.preset_main("pink", __doc__, PRESETS, run, argv)

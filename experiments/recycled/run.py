@@ -32,10 +32,8 @@ Outputs (``--out``, default ``runs/recycled/<preset>/``): ``results.json``, ``ta
 
 from __future__ import annotations
 
-import argparse
 import functools
 import pathlib
-import sys
 import time
 from typing import Sequence
 
@@ -45,7 +43,6 @@ import jax.numpy as jnp
 from configs.recycled import PRESETS, RecycledConfig, stride_of
 from experiments.common import config as config_lib
 from experiments.common import report as report_lib
-from experiments.common.paths import default_out_dir
 
 __all__ = ["main", "run", "plan", "verdict", "table", "recovery_curve"]
 
@@ -504,23 +501,6 @@ def run(cfg: RecycledConfig, out: str | pathlib.Path, *, resume: bool = False, r
   return {**payload, "table_markdown": md, "notes": notes, "verdict": line}
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = config_lib.ArgumentParser(prog="python -m experiments recycled", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
-  p.add_argument("--out", default=None, help="output folder (default runs/recycled/<preset>/)")
-  p.add_argument("--resume", action="store_true", help="continue the sweep already in --out")
-  p.add_argument("--report", action="store_true", help="evaluate nothing: rebuild the outputs from results.json")
-  p.add_argument("--model-root", default=None, help="where trained models are cached (default runs/longctx)")
-  p.add_argument("--no-progress", action="store_true", help="no progress bars")
-  return p
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-  args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-  cfg = PRESETS[args.preset]
-  out = pathlib.Path(args.out) if args.out else default_out_dir("recycled", cfg.name)
-  run(cfg, out, resume=args.resume, report=args.report, progress=not args.no_progress, model_root=args.model_root,
-      explicit_out=args.out is not None)
-  return 0
-
+  """``python -m experiments recycled``: see :func:`experiments.common.report.preset_main`."""
+  return report_lib.preset_main("recycled", __doc__, PRESETS, run, argv, model_root=True)

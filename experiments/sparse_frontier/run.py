@@ -20,18 +20,13 @@ rebuilds the outputs from it.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import pathlib
-import platform
-import sys
 import time
 from typing import Sequence
 
 from configs.sparse_frontier import PRESETS, SparseFrontierConfig
 from experiments.common import config as config_lib
-from experiments.common.paths import default_out_dir, is_reference_results
+from experiments.common import report as report_lib
 
 __all__ = ["main", "run", "plan", "verdict", "table"]
 
@@ -281,40 +276,21 @@ def _plots(rows, cfg, out: pathlib.Path) -> None:
                 title=f"sparse_frontier ({cfg.name}): {label} vs sparsity")
 
 
-def _environment() -> dict:
-  import jax
-  return {"jax": jax.__version__, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-          "python": platform.python_version(), "cpu_count": os.cpu_count()}
-
-
-def _write(out: pathlib.Path, payload: dict) -> None:
-  tmp = out / "results.json.tmp"
-  tmp.write_text(json.dumps(payload, indent=1) + "\n")
-  os.replace(tmp, out / "results.json")
-
-
 def run(cfg: SparseFrontierConfig, out: str | pathlib.Path, *, resume: bool = False, report: bool = False,
-        progress: bool = True, model_root: str | pathlib.Path | None = None, verbose: bool = True) -> dict:
+        progress: bool = True, model_root: str | pathlib.Path | None = None, verbose: bool = True,
+        explicit_out: bool = True) -> dict:
   """Runs (or resumes, or only reports) the sweep; returns the ``results.json`` content."""
   from configs.longctx import get_config
 
   out = pathlib.Path(out)
   model_cfg = get_config(cfg.model)
   fp = config_lib.fingerprint({"sweep": cfg, "model": model_cfg})
-  old = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else None
-  if old is not None and not (resume or report):
-    raise config_lib.ConfigError(f"{out} already holds a run; pass --resume to continue it, --report to rebuild its "
-                                 f"outputs, or --out to write elsewhere")
-  if old is not None and old.get("fingerprint") != fp:
-    raise config_lib.ConfigError(f"{out} holds a run of other settings (fingerprint {old.get('fingerprint')} != "
-                                 f"{fp}); choose another --out")
-  if report and old is None:
-    raise config_lib.ConfigError(f"--report: no results.json in {out}")
+  old = report_lib.prepare_out_dir(out, fingerprint=fp, resume=resume, report=report,
+                                   explicit_out=explicit_out)
   rows = list(old["rows"]) if old else []
   payload = dict(preset=cfg.name, fingerprint=fp, config=config_lib.to_dict(cfg),
-                 model_config=config_lib.to_dict(model_cfg), environment=_environment(), rows=rows,
+                 model_config=config_lib.to_dict(model_cfg), environment=report_lib.environment(), rows=rows,
                  train=old.get("train", {}) if old else {})
-  out.mkdir(parents=True, exist_ok=True)
   if not report:
     for n in cfg.lengths:
       if n > model_cfg.train.train_len:
@@ -345,7 +321,7 @@ def run(cfg: SparseFrontierConfig, out: str | pathlib.Path, *, resume: bool = Fa
       row = dict(phase=phase, pattern=pattern, N=n, s=s, budget=budget,
                  **_eval_cell(trained.model, data[n], spec, phase, q_len), seconds=round(time.time() - t1, 1))
       rows.append(row)
-      _write(out, payload)
+      report_lib.write_json(out / "results.json", payload)
       bar.update(1)
     bar.close()
     payload["eval_seconds"] = round(time.time() - t0, 1)
@@ -353,7 +329,7 @@ def run(cfg: SparseFrontierConfig, out: str | pathlib.Path, *, resume: bool = Fa
   md = table(rows, cfg)
   line, notes = verdict(rows, cfg)
   payload.update(table_markdown=md, verdict=line, notes=notes)
-  _write(out, payload)
+  report_lib.write_json(out / "results.json", payload)
   tr = payload.get("train", {})
   head = (f"# The Sparse Frontier at toy scale, preset {cfg.name}\n\nModel: longctx preset `{cfg.model}` "
           f"({model_cfg.model.num_layers} layers, d={model_cfg.model.d_model}, trained at "
@@ -368,23 +344,6 @@ def run(cfg: SparseFrontierConfig, out: str | pathlib.Path, *, resume: bool = Fa
   return payload
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = config_lib.ArgumentParser(prog="python -m experiments sparse_frontier", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
-  p.add_argument("--out", default=None, help="output folder (default runs/sparse_frontier/<preset>/)")
-  p.add_argument("--resume", action="store_true", help="continue the sweep already in --out")
-  p.add_argument("--report", action="store_true", help="evaluate nothing: rebuild the outputs from results.json")
-  p.add_argument("--model-root", default=None, help="where trained models are cached (default runs/longctx)")
-  p.add_argument("--no-progress", action="store_true", help="no progress bars")
-  return p
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-  args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-  cfg = PRESETS[args.preset]
-  out = pathlib.Path(args.out) if args.out else default_out_dir("sparse_frontier", cfg.name)
-  if is_reference_results(out) and args.report is False and (out / "results.json").exists() and not args.resume:
-    raise config_lib.ConfigError(f"{out} is a committed reference; pass --resume or --report to touch it")
-  run(cfg, out, resume=args.resume, report=args.report, progress=not args.no_progress, model_root=args.model_root)
-  return 0
+  """``python -m experiments sparse_frontier``: see :func:`experiments.common.report.preset_main`."""
+  return report_lib.preset_main("sparse_frontier", __doc__, PRESETS, run, argv, model_root=True)

@@ -40,8 +40,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common import NT
 from pallas_kernels.softmax.tpu import (NUM_LANES, NUM_SUBLANES, VisitLists, _check_lists, _Control, _div, _geom,
-                                        _ids_cols, _ids_rows, _interpret, _logits, _precision, _rows_cols, _tiles,
-                                        _to_kernel, _unpack, check_block, flatten_lists, lanes)
+                                        _ids_cols, _ids_rows, _interpret, _logits, _precision, _row_mask_inputs,
+                                        _rows_cols, _tiles, _to_kernel, _unpack, check_block, flatten_lists, lanes)
 
 __all__ = ["row_stats", "col_stats", "check_tiles", "MAX_KEYS"]
 
@@ -156,15 +156,9 @@ def row_stats(q, k, lists: VisitLists, tiles=None, *, q_segment_ids=None, kv_seg
 
   in_specs = [qop.spec(q_idx), kop.spec(kv_idx)]
   operands = [qk, kk]
-  if has_seg:
-    in_specs += [pl.BlockSpec((None, bq, NUM_LANES), lambda b, h, i, j, *_: (b, i, 0)),
-                 pl.BlockSpec((None, NUM_SUBLANES, bk), lambda b, h, i, j, idx_ref, *_: (
-                     b, 0, idx_ref[geom.slot(b, h, i, j)]))]
-    operands += [_ids_cols(q_segment_ids, Tp), _ids_rows(kv_segment_ids, Sp)]
-  if has_tiles:
-    in_specs.append(pl.BlockSpec((None, bq, bk), lambda b, h, i, j, idx_ref, cnt_ref, tile_ref, fetch_ref: (
-        fetch_ref[geom.slot(b, h, i, j)], 0, 0)))
-    operands.append(_tiles(tiles))
+  specs, ops = _row_mask_inputs(geom, bq, bk, Tp, Sp, q_segment_ids, kv_segment_ids, tiles)
+  in_specs += specs
+  operands += ops
   row_spec = pl.BlockSpec((None, None, bq, NUM_LANES), lambda b, h, i, j, *_: (b, h, i, 0))
   kernel = functools.partial(_row_kernel, geom=geom, has_seg=has_seg, has_tiles=has_tiles, kv_len=S,
                              scale=float(scale), cap=soft_cap, prec=_precision(q.dtype))

@@ -384,6 +384,22 @@ def _fwd_kernel(*refs, geom: _Geom, has_seg: bool, has_tiles: bool, has_bias: bo
       lse_ref[...] = jnp.where(ok, m_scr[...] + jnp.log(jnp.where(ok, l, 1.0)), -jnp.inf)
 
 
+def _row_mask_inputs(geom, bq: int, bk: int, Tp: int, Sp: int, q_segment_ids, kv_segment_ids, tiles):
+  """Block specs and operands of the mask inputs (segment ids, tile patterns) of a row-oriented grid
+  ``(b, h, i, j)`` whose step ``j`` visits kv block ``idx_ref[geom.slot(b, h, i, j)]`` (forward, stats)."""
+  specs, ops = [], []
+  if q_segment_ids is not None:
+    specs += [pl.BlockSpec((None, bq, NUM_LANES), lambda b, h, i, j, *_: (b, i, 0)),
+              pl.BlockSpec((None, NUM_SUBLANES, bk), lambda b, h, i, j, idx_ref, *_: (
+                  b, 0, idx_ref[geom.slot(b, h, i, j)]))]
+    ops += [_ids_cols(q_segment_ids, Tp), _ids_rows(kv_segment_ids, Sp)]
+  if tiles is not None:
+    specs.append(pl.BlockSpec((None, bq, bk), lambda b, h, i, j, idx_ref, cnt_ref, tile_ref, fetch_ref: (
+        fetch_ref[geom.slot(b, h, i, j)], 0, 0)))
+    ops.append(_tiles(tiles))
+  return specs, ops
+
+
 def flash_attention_fwd(q, k, v, lists: VisitLists, tiles=None, *, q_segment_ids=None, kv_segment_ids=None,
                         scale: float, soft_cap: float | None = None, block_q: int, block_k: int,
                         return_lse: bool = True, interpret=False, vmem_limit_bytes: int | None = None, bias=None):
@@ -434,15 +450,9 @@ def flash_attention_fwd(q, k, v, lists: VisitLists, tiles=None, *, q_segment_ids
 
   in_specs = [qop.spec(q_idx), kop.spec(kv_idx), vop.spec(kv_idx)]
   operands = [qk, kk, vk]
-  if has_seg:
-    in_specs += [pl.BlockSpec((None, bq, NUM_LANES), lambda b, h, i, j, *_: (b, i, 0)),
-                 pl.BlockSpec((None, NUM_SUBLANES, bk), lambda b, h, i, j, idx_ref, *_: (
-                     b, 0, idx_ref[geom.slot(b, h, i, j)]))]
-    operands += [_ids_cols(q_segment_ids, Tp), _ids_rows(kv_segment_ids, Sp)]
-  if has_tiles:
-    in_specs.append(pl.BlockSpec((None, bq, bk), lambda b, h, i, j, idx_ref, cnt_ref, tile_ref, fetch_ref: (
-        fetch_ref[geom.slot(b, h, i, j)], 0, 0)))
-    operands.append(_tiles(tiles))
+  specs, ops = _row_mask_inputs(geom, bq, bk, Tp, Sp, q_segment_ids, kv_segment_ids, tiles)
+  in_specs += specs
+  operands += ops
   has_bias = bias is not None
   if has_bias:
     in_specs.append(_bias_spec("flash_attention_fwd", bias, B, H, T, S, bq, bk, geom))
@@ -592,15 +602,9 @@ def _dq_call(q, k, v, do, lse, delta, lists: VisitLists, tiles, bias, *, q_segme
   row_spec = pl.BlockSpec((None, None, bq, NUM_LANES), lambda b, h, i, j, *_: (b, h, i, 0))
   in_specs = [qop.spec(q_idx), kop.spec(kv_idx), vop.spec(kv_idx), doop.spec(q_idx), row_spec, row_spec]
   operands = [qk, kk, vk, dok, _rows_cols(lse, Tp), _rows_cols(delta, Tp)]
-  if has_seg:
-    in_specs += [pl.BlockSpec((None, bq, NUM_LANES), lambda b, h, i, j, *_: (b, i, 0)),
-                 pl.BlockSpec((None, NUM_SUBLANES, bk), lambda b, h, i, j, idx_ref, *_: (
-                     b, 0, idx_ref[geom.slot(b, h, i, j)]))]
-    operands += [_ids_cols(q_segment_ids, Tp), _ids_rows(kv_segment_ids, Sp)]
-  if has_tiles:
-    in_specs.append(pl.BlockSpec((None, bq, bk), lambda b, h, i, j, idx_ref, cnt_ref, tile_ref, fetch_ref: (
-        fetch_ref[geom.slot(b, h, i, j)], 0, 0)))
-    operands.append(_tiles(tiles))
+  specs, ops = _row_mask_inputs(geom, bq, bk, Tp, Sp, q_segment_ids, kv_segment_ids, tiles)
+  in_specs += specs
+  operands += ops
   has_bias = bias is not None
   if has_bias:
     in_specs.append(_bias_spec(name, bias, B, H, T, S, bq, bk, geom))

@@ -74,7 +74,7 @@ def test_micro_run_interrupted_resumed_and_reported(tmp_path, capsys):
   assert res["verdict"].startswith("VERDICT:") and "conv" in res["table_markdown"]
   with pytest.raises(ConfigError, match="--resume"):
     hn.run(cfg, out, progress=False, verbose=False)
-  rep = hn.run(cfg, out, report_only=True, progress=False, verbose=True)
+  rep = hn.run(cfg, out, report=True, progress=False, verbose=True)
   assert rep["verdict"] == res["verdict"]
   assert capsys.readouterr().out.rstrip().splitlines()[-1] == res["verdict"]
   assert json.loads((out / "results.json").read_text())["rows"] == res["rows"]

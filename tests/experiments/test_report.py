@@ -5,8 +5,8 @@ import json
 import pytest
 
 from experiments.common.config import ConfigError
-from experiments.common.paths import RESULTS_DIR
-from experiments.common.report import environment, prepare_out_dir, verdict_line, write_json, write_report
+from experiments.common.paths import RESULTS_DIR, RUNS_DIR
+from experiments.common.report import environment, prepare_out_dir, preset_main, verdict_line, write_json, write_report
 
 
 def test_prepare_new_resume_report_and_mismatch(tmp_path):
@@ -44,3 +44,22 @@ def test_verdict_line_and_report_files(tmp_path, capsys):
   assert data["verdict"] == line and data["notes"] == ["n1"] and data["environment"]["backend"] == "cpu"
   with pytest.raises(ValueError, match="verdict_line"):
     write_report(tmp_path, {}, title="T", table="t", verdict="reproduced")
+
+
+def test_preset_main_passes_flags_and_defaults(tmp_path, capsys):
+  class Preset:
+    def __init__(self, name):
+      self.name = name
+  calls = []
+  presets = {"cpu": Preset("cpu"), "smoke": Preset("smoke")}
+  run = lambda cfg, out, **kw: calls.append((cfg.name, out, kw))
+  assert preset_main("toy", "Toy experiment.\n\nDetails.", presets, run, []) == 0
+  assert calls[-1] == ("cpu", RUNS_DIR / "toy" / "cpu",
+                       dict(resume=False, report=False, progress=True, explicit_out=False))
+  preset_main("toy", None, presets, run, ["--preset", "smoke", "--out", str(tmp_path), "--resume", "--no-progress",
+                                          "--model-root", "m"], model_root=True)
+  assert calls[-1] == ("smoke", tmp_path, dict(resume=True, report=False, progress=False, explicit_out=True,
+                                                model_root="m"))
+  with pytest.raises(SystemExit) as e:
+    preset_main("toy", None, presets, run, ["--model-root", "m"])
+  assert e.value.code == 2 and "python -m experiments toy: error" in capsys.readouterr().err
