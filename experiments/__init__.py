@@ -40,6 +40,16 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                                                                 "heads masked"),
     "recycled": ("experiments.recycled.run:main", "Recycled Attention: attention-mass recovery vs steps since the full "
                                                   "step, decode NLL of recycled vs StreamingLLM/H2O/SnapKV at K=N/8"),
+    "dse": ("experiments.dse.run:main", "DSE: cross-encoder teacher vs distilled / contrastive / untrained bi-encoders on "
+                                        "template paraphrases, accuracy and all-pairs scoring speed"),
+    "posir": ("experiments.posir.run:main", "KaLM-style contrastive retrievers (causal vs bidirectional, pooling, focal / "
+                                            "hard negatives) and PosIR's position profile, BM25 beside"),
+    "attnres": ("experiments.attnres.run:main", "Attention Residuals: a tiny stdlib-text LM with standard vs Full vs "
+                                                "Block AttnRes residuals, overheads, two-phase inference"),
+    "transnormer": ("experiments.transnormer.run:main", "TransNormerLLM: decayed linear attention vs softmax LM at "
+                                                        "equal parameters and tokens, long-sequence speed table"),
     "sparse_frontier": ("experiments.sparse_frontier.run:main", "Sparse Frontier: a tiny LM's accuracy and attention "
                                                                 "recall vs sparsity, sparse prefill vs decode, N and 2N"),
+    "prune": ("experiments.prune.run:main", "visual-token pruning on a toy VLM: accuracy vs kept fraction for [CLS] / "
+                                            "text-guided scorers, debiasing, multi-stage, random/norm/oracle"),
 }

@@ -18,6 +18,7 @@ Public surface::
     jaxattn.sparse     # training-free sparse prefill: vertical-slash, FlexPrefill, block top-k, attention recall
     jaxattn.cache      # KV cache for batched decoding; StreamingLLM, H2O, SnapKV, Ada-SnapKV, Quest, recycled attention
     jaxattn.analysis   # attention capture / statistics / rollout / saliency, head masks, ACT, retrieval heads
+    jaxattn.prune      # attention-guided token pruning: scorers, debiasing, top-k schedules, gather / mask executors
     jaxattn.nn         # Flax NNX modules (imports flax; import it explicitly)
 """
 
@@ -26,6 +27,7 @@ from jaxattn import backend as backend
 from jaxattn import cache as cache
 from jaxattn import masks as masks
 from jaxattn import parallel as parallel
+from jaxattn import prune as prune
 from jaxattn import sparse as sparse
 from jaxattn import testing as testing
 from jaxattn.ops.decode import decode_attention as decode_attention

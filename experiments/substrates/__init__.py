@@ -6,7 +6,6 @@
 - :mod:`~experiments.substrates.vit`: ViT-tiny (and the pre-LN block the toy LM shares).
 - :mod:`~experiments.substrates.vlm`: the toy VLM (ViT -> projector -> causal LM over [visual; text]), trained once
   per config and cached under ``runs/substrates/<fingerprint>/``.
-- :mod:`~experiments.substrates.video`: toy video (moving digits on a sequence of canvases).
 - :mod:`~experiments.substrates.text`: template text with topic labels.
 
 Modules import jax / flax only where they build models (``vit``, ``vlm``); the data modules are numpy.

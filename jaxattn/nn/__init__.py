@@ -15,9 +15,19 @@
   :class:`S4D`, :class:`LongShort`, :class:`VanillaSoftmax` and the :data:`ZOO` registry (``efficient.make``).
 - TransNormerLLM: :class:`SRMSNorm`, :class:`SGLU`, :class:`LRPE`, :class:`GatedLinearAttention`,
   :class:`TransNormerBlock`, :class:`TransNormerLM`, :func:`tnl_decay_slopes`.
+- Pair / retrieval encoders (:mod:`jaxattn.nn.pair`, losses in :mod:`jaxattn.nn.pair_losses`): :class:`PairEncoder`
+  (bi / cross / fid-with-view-tokens), :class:`TextBackbone` (causal <-> bidirectional mask switch), pooling
+  (:func:`mean_pool`, :func:`cls_pool`, :func:`last_pool`, :func:`attention_pool`), :func:`dse_features`,
+  :class:`DSEHead`, :class:`ViewAnchorHead`.
+- Attention Residuals (:mod:`jaxattn.nn.attnres`): :func:`depth_attention`, :class:`DepthAttention`,
+  :class:`AttnResDecoder` (standard / Full / Block AttnRes, two-phase inference), :class:`AttnResLM`.
 """
 
 from jaxattn.nn.adapters import AttentionFn as AttentionFn
+from jaxattn.nn.attnres import AttnResDecoder as AttnResDecoder
+from jaxattn.nn.attnres import AttnResLM as AttnResLM
+from jaxattn.nn.attnres import DepthAttention as DepthAttention
+from jaxattn.nn.attnres import depth_attention as depth_attention
 from jaxattn.nn.adapters import as_attention_fn as as_attention_fn
 from jaxattn.nn.attention import MultiHeadAttention as MultiHeadAttention
 from jaxattn.nn.cross import CrossAttention as CrossAttention
@@ -52,3 +62,12 @@ from jaxattn.nn.transnormer import TransNormerBlock as TransNormerBlock
 from jaxattn.nn.transnormer import TransNormerLM as TransNormerLM
 from jaxattn.nn.transnormer import srms_norm as srms_norm
 from jaxattn.nn.transnormer import tnl_decay_slopes as tnl_decay_slopes
+from jaxattn.nn.pair import DSEHead as DSEHead
+from jaxattn.nn.pair import PairEncoder as PairEncoder
+from jaxattn.nn.pair import TextBackbone as TextBackbone
+from jaxattn.nn.pair import ViewAnchorHead as ViewAnchorHead
+from jaxattn.nn.pair import attention_pool as attention_pool
+from jaxattn.nn.pair import cls_pool as cls_pool
+from jaxattn.nn.pair import dse_features as dse_features
+from jaxattn.nn.pair import last_pool as last_pool
+from jaxattn.nn.pair import mean_pool as mean_pool

@@ -1,0 +1,1 @@
+"""Attention Residuals experiment (``python -m experiments attnres``)."""

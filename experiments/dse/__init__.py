@@ -1,0 +1,1 @@
+"""DSE at toy scale: distilled sentence embeddings vs the cross-encoder teacher (``python -m experiments dse``)."""

@@ -1,0 +1,1 @@
+"""TransNormerLLM quality and speed experiment (``python -m experiments transnormer``)."""
