@@ -10,6 +10,8 @@ A run directory holds ``results.json`` (config, fingerprint, environment, one re
 - :func:`write_report` — ``table.md`` + ``verdict.txt`` + ``results.json`` and the final print (table, then verdict
   last);
 - :func:`environment` — what ran it (jax version, backend, device kind, CPU count, git sha);
+- :func:`run_experiment` — the run / resume / report skeleton (prepare the folder, compute unless ``--report``,
+  then table, verdict, plots and the report files);
 - :func:`preset_main` — the command line every preset experiment shares (``--preset --out --resume --report
   --no-progress``).
 """
@@ -26,7 +28,8 @@ from typing import Any, Callable, Mapping, Sequence
 from experiments.common.config import ConfigError
 from experiments.common.paths import is_reference_results
 
-__all__ = ["VERDICTS", "environment", "prepare_out_dir", "preset_main", "write_json", "verdict_line", "write_report"]
+__all__ = ["VERDICTS", "environment", "prepare_out_dir", "preset_main", "run_experiment", "write_json", "verdict_line",
+           "write_report"]
 
 VERDICTS = ("reproduced", "partly", "not reproduced")
 
@@ -142,3 +145,32 @@ def preset_main(name: str, doc: str | None, presets: Mapping[str, Any], run: Cal
   run(cfg, out, resume=args.resume, report=args.report, progress=not args.no_progress,
       explicit_out=args.out is not None, **extra)
   return 0
+
+
+def run_experiment(cfg, out: str | os.PathLike, *, title: str, compute: Callable[[pathlib.Path, dict], Any],
+                   table: Callable[[dict], tuple[str, Sequence[str]]], verdict: Callable[[dict], str],
+                   plots: Callable[[pathlib.Path, dict], Sequence[str]], resume: bool = False, report: bool = False,
+                   explicit_out: bool = True, verbose: bool = True) -> dict:
+  """The skeleton of an experiment whose ``results.json`` is one payload dict grown by ``compute``.
+
+  Checks ``out`` (:func:`prepare_out_dir`, fingerprint of ``cfg``), starts the payload from the earlier run (or from
+  ``preset`` / ``fingerprint`` / ``config``), runs ``compute(out, payload)`` unless ``report`` (it records finished
+  work in ``payload`` and saves it with :func:`write_json` as it goes, so a killed run resumes), then writes
+  ``table(payload) -> (markdown, notes)``, ``verdict(payload)`` and ``plots(out, payload) -> file names`` with
+  :func:`write_report`. Returns the payload with the table and verdict.
+  """
+  from experiments.common import config as config_lib
+
+  out = pathlib.Path(out)
+  fp = config_lib.fingerprint(cfg)
+  old = prepare_out_dir(out, fingerprint=fp, resume=resume, report=report, explicit_out=explicit_out)
+  payload = dict(old) if old else dict(preset=cfg.name, fingerprint=fp, config=config_lib.to_dict(cfg))
+  for k in ("table_markdown", "notes", "verdict"):
+    payload.pop(k, None)
+  if not report:
+    compute(out, payload)
+  md, notes = table(payload)
+  line = verdict(payload)
+  files = plots(out, payload)
+  write_report(out, payload, title=title, table=md, verdict=line, notes=notes, plots=files, verbose=verbose)
+  return {**payload, "table_markdown": md, "verdict": line}

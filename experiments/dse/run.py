@@ -29,7 +29,6 @@ from typing import Sequence
 import numpy as np
 
 from configs.dse import PRESETS, DseConfig
-from experiments.common import config as config_lib
 from experiments.common import report as report_lib
 
 __all__ = ["main", "run", "verdict", "PAPER"]
@@ -366,21 +365,12 @@ def _plots(cfg: DseConfig, payload: dict, out: pathlib.Path) -> list[str]:
 def run(cfg: DseConfig, out, *, resume: bool = False, report: bool = False, progress: bool = True,
         verbose: bool = True, interrupt_after: int | None = None, explicit_out: bool = True) -> dict:
   """Runs (or resumes, or only reports) the experiment; returns the ``results.json`` content."""
-  from experiments.common.report import prepare_out_dir, write_report
-  out = pathlib.Path(out)
-  fp = config_lib.fingerprint(cfg)
-  old = prepare_out_dir(out, fingerprint=fp, resume=resume, report=report, explicit_out=explicit_out)
-  payload = dict(old) if old else dict(preset=cfg.name, fingerprint=fp, config=config_lib.to_dict(cfg))
-  for k in ("table_markdown", "notes", "verdict"):
-    payload.pop(k, None)
-  if not report:
-    _compute(cfg, out, payload, progress, interrupt_after)
-  md, notes = _table(cfg, payload)
-  line = verdict(cfg, payload)
-  plots = _plots(cfg, payload, out)
-  write_report(out, payload, title=f"DSE: distilled sentence embeddings vs a cross-encoder, preset {cfg.name}",
-               table=md, verdict=line, notes=notes, plots=plots, verbose=verbose)
-  return {**payload, "table_markdown": md, "verdict": line}
+  return report_lib.run_experiment(
+      cfg, out, title=f"DSE: distilled sentence embeddings vs a cross-encoder, preset {cfg.name}",
+      resume=resume, report=report, explicit_out=explicit_out, verbose=verbose,
+      compute=lambda out, payload: _compute(cfg, out, payload, progress, interrupt_after),
+      table=lambda payload: _table(cfg, payload), verdict=lambda payload: verdict(cfg, payload),
+      plots=lambda out, payload: _plots(cfg, payload, out))
 
 
 def _compute(cfg, out, payload, progress, interrupt_after):

@@ -86,7 +86,7 @@ def load_params(path, model: nnx.Module) -> nnx.Module:
 
 
 def train(model_fn: Callable[[nnx.Rngs], nnx.Module], loss_fn, batch_fn: Callable[[int], Mapping[str, np.ndarray]],
-          *, steps: int, settings, seed: int = 0, ckpt_path=None, ckpt_every: int = 200, log_every: int = 50,
+          *, steps: int, settings, seed: int = 0, ckpt_path=None, ckpt_every: int | None = None, log_every: int = 50,
           writer=None, progress: bool = True, desc: str = "", interrupt_after: int | None = None,
           init_model: nnx.Module | None = None) -> LoopResult:
   """Trains ``model_fn(nnx.Rngs(seed))`` (or ``init_model``) for ``steps`` steps of ``batch_fn(step)``.
@@ -95,7 +95,8 @@ def train(model_fn: Callable[[nnx.Rngs], nnx.Module], loss_fn, batch_fn: Callabl
     model_fn: builds the model; loss_fn: ``(model, batch, key) -> (loss, metrics dict)``.
     batch_fn: ``step -> batch`` (deterministic: resume replays exactly).
     steps, settings, seed: length, optimizer settings (``AdamWConfig``), init / dropout seed.
-    ckpt_path: ``.npz`` checkpoint (None: none); ckpt_every: its interval.
+    ckpt_path: ``.npz`` checkpoint (None: none); ckpt_every: its interval (None: a quarter of ``steps``, at
+      most 200, so a kill loses at most that much of a short run too).
     log_every, writer: training rows every ``log_every`` steps to ``writer`` (a ``MetricWriter``) and history.
     interrupt_after: raise :class:`Interrupted` after this many steps of this call (tests simulate a kill).
     init_model: start from this model instead of a fresh one (e.g. a pre-trained backbone inside a new head).
@@ -114,6 +115,7 @@ def train(model_fn: Callable[[nnx.Rngs], nnx.Module], loss_fn, batch_fn: Callabl
     resumed = start
     if start < steps:
       print(f"{desc + ': ' if desc else ''}resumed from step {start} of {steps}", flush=True)
+  ckpt_every = ckpt_every or max(1, min(200, steps // 4))
   base_key = jax.random.key(seed + 1)
 
   @jax.jit

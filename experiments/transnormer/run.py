@@ -22,7 +22,6 @@ import time
 import numpy as np
 
 from configs.transnormer import PAR_MARGIN, PRESETS, TransNormerConfig
-from experiments.common import config as config_lib
 from experiments.common import report as report_lib
 
 __all__ = ["main", "run", "verdict", "model_fn", "speed_table"]
@@ -235,21 +234,12 @@ def _plots(cfg: TransNormerConfig, payload: dict, out: pathlib.Path) -> list[str
 def run(cfg: TransNormerConfig, out, *, resume: bool = False, report: bool = False, progress: bool = True,
         verbose: bool = True, interrupt_after: int | None = None, explicit_out: bool = True) -> dict:
   """Runs (or resumes, or only reports) the experiment; returns the ``results.json`` content."""
-  from experiments.common.report import prepare_out_dir, write_report
-  out = pathlib.Path(out)
-  fp = config_lib.fingerprint(cfg)
-  old = prepare_out_dir(out, fingerprint=fp, resume=resume, report=report, explicit_out=explicit_out)
-  payload = dict(old) if old else dict(preset=cfg.name, fingerprint=fp, config=config_lib.to_dict(cfg))
-  for k in ("table_markdown", "notes", "verdict"):
-    payload.pop(k, None)
-  if not report:
-    _compute(cfg, out, payload, progress, interrupt_after)
-  md, notes = _table(cfg, payload)
-  line = verdict(cfg, payload)
-  plots = _plots(cfg, payload, out)
-  write_report(out, payload, title=f"TransNormer vs softmax at toy scale, preset {cfg.name}", table=md,
-               verdict=line, notes=notes, plots=plots, verbose=verbose)
-  return {**payload, "table_markdown": md, "verdict": line}
+  return report_lib.run_experiment(
+      cfg, out, title=f"TransNormer vs softmax at toy scale, preset {cfg.name}",
+      resume=resume, report=report, explicit_out=explicit_out, verbose=verbose,
+      compute=lambda out, payload: _compute(cfg, out, payload, progress, interrupt_after),
+      table=lambda payload: _table(cfg, payload), verdict=lambda payload: verdict(cfg, payload),
+      plots=lambda out, payload: _plots(cfg, payload, out))
 
 
 def _compute(cfg, out, payload, progress, interrupt_after):

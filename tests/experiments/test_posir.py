@@ -99,4 +99,3 @@ def test_smoke_end_to_end_interrupt_resume_report(tmp_path, capsys):
   rep = posir.run(cfg, out, report=True, progress=False)
   assert rep["verdict"] == res["verdict"] == (out / "verdict.txt").read_text().strip()
   assert json.loads((out / "results.json").read_text())["verdict"].startswith("VERDICT: ")
-  del dataclasses

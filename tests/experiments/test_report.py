@@ -63,3 +63,41 @@ def test_preset_main_passes_flags_and_defaults(tmp_path, capsys):
   with pytest.raises(SystemExit) as e:
     preset_main("toy", None, presets, run, ["--model-root", "m"])
   assert e.value.code == 2 and "python -m experiments toy: error" in capsys.readouterr().err
+
+
+def test_run_experiment_computes_resumes_and_reports(tmp_path, capsys):
+  import dataclasses
+
+  from experiments.common.report import run_experiment
+
+  @dataclasses.dataclass(frozen=True)
+  class Cfg:
+    name: str = "toy"
+    n: int = 3
+
+  seen = []
+
+  def compute(out, payload):
+    rows = payload.setdefault("rows", [])
+    for i in range(len(rows), Cfg.n):
+      rows.append(i * i)
+      seen.append(i)
+      write_json(out / "results.json", payload)
+      if i == 0 and len(seen) == 1:
+        raise KeyboardInterrupt  # killed after the first finished cell
+
+  kw = dict(title="Toy", compute=compute, table=lambda p: (f"| rows |\n|---|\n| {p['rows']} |", ["a note"]),
+            verdict=lambda p: verdict_line("partly", f"{len(p['rows'])} rows"), plots=lambda out, p: [])
+  out = tmp_path / "run"
+  with pytest.raises(KeyboardInterrupt):
+    run_experiment(Cfg(), out, **kw)
+  with pytest.raises(ConfigError, match="--resume"):
+    run_experiment(Cfg(), out, **kw)
+  res = run_experiment(Cfg(), out, resume=True, verbose=False, **kw)
+  assert res["rows"] == [0, 1, 4] and seen == [0, 1, 2] and res["verdict"].endswith("3 rows")
+  rep = run_experiment(Cfg(), out, report=True, verbose=True, **kw)
+  assert seen == [0, 1, 2] and rep["rows"] == [0, 1, 4]  # --report computes nothing
+  saved = json.loads((out / "results.json").read_text())
+  assert saved["preset"] == "toy" and saved["notes"] == ["a note"] and "VERDICT: partly" in capsys.readouterr().out
+  with pytest.raises(ConfigError, match="other settings"):
+    run_experiment(Cfg(n=4), out, resume=True, **kw)
